@@ -1,0 +1,1 @@
+"""actsparse: activation sparsity for LLM decoding, as a torch.compile backend."""
