@@ -1,0 +1,136 @@
+"""The ``sparse`` torch.compile backend.
+
+``torch.compile(model, backend="sparse", options={"plan": plan})`` reaches ``sparse_backend``
+through the ``torch_dynamo_backends`` entry point; ``actsparse.backend(plan, cudagraphs=True)``
+builds the same thing as a callable for callers that cannot pass ``mode`` with ``options``.
+Each Dynamo graph goes through the pass pipeline and then to Inductor's ``compile_fx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..passes.pipeline import run_passes
+from ..plan import SparsityPlan
+from .layout import is_input_major, to_input_major
+from .options import BackendOptions
+
+log = logging.getLogger("actsparse")
+
+
+class SparseBackend:
+    """A configured backend: options plus what its compilations found so far."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
+        self.found_rules: set[str] = set()
+        self.graphs = 0
+        self.sites: list[Any] = []
+        self._warned_no_sites = False
+        self._announced = False
+        self._last_missing: frozenset[str] | None = None
+
+    @property
+    def plan(self) -> SparsityPlan:
+        return self.options.plan
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        opts = self.options
+        self.graphs += 1
+        if opts.plan_was_default and not self._announced:
+            self._announced = True
+            warnings.warn(f"actsparse: no plan given; using statistical top-k at sparsity "
+                          f"{opts.plan.stat_topk.sparsity:g} on every site", stacklevel=2)
+        result = run_passes(gm, opts.plan)
+        self.sites.extend(result.sites)
+        self.found_rules |= result.stats.found_rules
+        if not result.sites:
+            if not self._warned_no_sites:
+                self._warned_no_sites = True
+                warnings.warn("actsparse: no linear layer found in the traced graph; it is "
+                              "compiled densely by Inductor", stacklevel=2)
+        else:
+            self._report_missing()
+        if opts.debug:
+            print(f"actsparse: graph {self.graphs}\n{result.table}")
+        compiled = compile_fx(gm, example_inputs, config_patches=opts.config_patches())
+        relayout = [example_inputs[i] for i in result.input_major_inputs
+                    if isinstance(example_inputs[i], torch.nn.Parameter)
+                    and not is_input_major(example_inputs[i])]
+        if opts.relayout == "lazy" and relayout:
+            return _relayout_after_first_call(compiled, relayout)
+        return compiled
+
+    def _report_missing(self) -> None:
+        missing = frozenset(self.plan.rule_names() - self.found_rules)
+        if missing and missing != self._last_missing:
+            names = sorted(missing)
+            shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+            warnings.warn(
+                f"actsparse: {len(names)} plan rule(s) not found in the {self.graphs} graph(s) "
+                f"compiled so far (graph breaks or unsupported patterns leave them dense): {shown}",
+                stacklevel=3)
+        self._last_missing = missing
+
+
+def _relayout_after_first_call(compiled: Callable, params: list[torch.nn.Parameter]) -> Callable:
+    """Run the graph once as compiled, then store its masked weights input-major.
+
+    Dynamo guards on parameter strides, so the layout cannot change while a graph is being
+    compiled; changing it after the first call makes the next call recompile once, with the
+    fast layout. ``actsparse.prepare(model, plan)`` does it ahead and saves that recompile.
+    """
+    state = {"done": False}
+
+    def run(*args):
+        out = compiled(*args)
+        if not state["done"]:
+            state["done"] = True
+            n = sum(to_input_major(p) for p in params)
+            log.info("actsparse: %d weights re-stored input-major; the next call recompiles", n)
+        return out
+
+    return run
+
+
+def sparse_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                   mode: str | None = None, options: dict[str, Any] | None = None) -> Callable:
+    """Entry point for ``backend="sparse"``: validate options, then compile."""
+    return _backend_for(BackendOptions.parse(options, mode))(gm, example_inputs)
+
+
+# One SparseBackend per plan object, so that graphs compiled for the same plan (graph breaks,
+# prefill and decode) share what they found when reporting missing rules.
+_BACKENDS: dict[int, tuple[SparsityPlan, SparseBackend]] = {}
+
+
+def _backend_for(options: BackendOptions) -> SparseBackend:
+    key = id(options.plan)
+    hit = _BACKENDS.get(key)
+    if hit is not None and hit[0] is options.plan:
+        hit[1].options = options
+        return hit[1]
+    be = SparseBackend(options)
+    _BACKENDS[key] = (options.plan, be)
+    return be
+
+
+def backend(plan: SparsityPlan | str | None = None, *, sparsity: float | None = None,
+            cudagraphs: bool = False, debug: bool = False, relayout: str = "lazy",
+            mode: str | None = None, inductor: dict[str, Any] | None = None) -> SparseBackend:
+    """A backend object for ``torch.compile(model, backend=actsparse.backend(plan, ...))``."""
+    options: dict[str, Any] = {"cudagraphs": cudagraphs, "debug": debug, "relayout": relayout}
+    if plan is not None:
+        options["plan"] = plan
+    if sparsity is not None:
+        options["sparsity"] = sparsity
+    if inductor:
+        options["inductor"] = inductor
+    return SparseBackend(BackendOptions.parse(options, mode))

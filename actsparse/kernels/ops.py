@@ -1,0 +1,158 @@
+"""The ``torch.library`` custom ops that the backend's passes insert into the graph.
+
+Each op has a fake implementation (Inductor and CUDA graphs need output shapes without running
+it) and a real one that picks its path at run time:
+
+* few token rows (decode) on the CPU: gather the weight rows of the active input channels and
+  multiply only those (``GATHER_MAX_ROWS``, ``GATHER_MAX_DENSITY``);
+* few token rows on a CUDA device: the Triton sparse kernels (``actsparse.kernels.triton``);
+* many token rows (prefill), or a mask that is nearly dense: apply the mask and run the dense
+  matmul on the same weight storage.
+
+All paths compute the function defined in ``actsparse.kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import activation, input_mask
+
+#: Token rows up to which the CPU op gathers active weight rows instead of running dense.
+#: Above it (prefill) a gather per row costs more than one dense GEMM over the whole batch.
+GATHER_MAX_ROWS = 4
+
+#: Fraction of active input channels (union over the rows) above which the CPU op runs dense:
+#: gathering nearly every row copies as many bytes as the dense matmul reads, so it only loses.
+GATHER_MAX_DENSITY = 0.85
+
+#: Token rows up to which CUDA tensors go to the Triton sparse kernels (their batch buckets).
+TRITON_MAX_ROWS = 16
+
+
+def _zero(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _triton():
+    """The Triton kernel module, or None where it cannot run (no triton, no CUDA)."""
+    try:
+        mod = importlib.import_module("actsparse.kernels.triton")
+    except Exception:  # pragma: no cover - triton missing or broken
+        return None
+    available = getattr(mod, "is_available", None)
+    return mod if available is not None and available() else None
+
+
+def _gather_rows(w: Tensor, idx: Tensor) -> Tensor:
+    """Rows of W^T for the channels in ``idx``, as a [len(idx), N] matrix.
+
+    Cheap (contiguous row copies) when W is stored input-major, ``W.t().contiguous().t()``,
+    which the backend arranges for the weights of masked sites.
+    """
+    return w.t().index_select(0, idx)
+
+
+def _linear_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], mask: Tensor) -> Tensor:
+    rows = x2.shape[0]
+    if rows <= GATHER_MAX_ROWS:
+        active = mask.any(0)
+        n_active = int(active.sum())
+        if n_active <= GATHER_MAX_DENSITY * x2.shape[1]:
+            idx = active.nonzero().squeeze(1)
+            xs = torch.where(mask[:, idx], x2[:, idx], _zero(x2))
+            y = xs @ _gather_rows(w, idx)
+            return y if b is None else y + b
+    return F.linear(torch.where(mask, x2, _zero(x2)), w, b)
+
+
+@torch.library.custom_op("actsparse::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Optional[Tensor]],
+    thresholds: list[float],
+    per_token: bool,
+    sparsity_hint: float,
+) -> list[Tensor]:
+    """Linears sharing one input, each on ``x * (|x| > t_i)`` (per_token: ``t_i * rms(x)``)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    tri = _triton() if x.is_cuda and 0 < rows <= TRITON_MAX_ROWS else None
+    if tri is not None:
+        outs = tri.sparse_linear(
+            x2.contiguous(), list(weights), list(biases), list(thresholds),
+            row_scale=None if not per_token else _rms(x2), sparsity_hint=sparsity_hint,
+        )
+    else:
+        outs, masks = [], {}
+        for w, b, t in zip(weights, biases, thresholds):
+            if t not in masks:
+                masks[t] = input_mask(x2, t, per_token)
+            if x.is_cuda:
+                outs.append(F.linear(torch.where(masks[t], x2, _zero(x2)), w, b))
+            else:
+                outs.append(_linear_cpu(x2, w, b, masks[t]))
+    return [o.reshape(*lead, o.shape[-1]) for o in outs]
+
+
+def _rms(x2: Tensor) -> Tensor:
+    return x2.float().pow(2).mean(dim=-1).sqrt()
+
+
+@sparse_linear.register_fake
+def _(x, weights, biases, thresholds, per_token, sparsity_hint):
+    lead = x.shape[:-1]
+    return [x.new_empty(*lead, w.shape[0]) for w in weights]
+
+
+@torch.library.custom_op("actsparse::gated_mlp", mutates_args=())
+def gated_mlp(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_gate: Optional[Tensor],
+    b_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    act: str,
+    threshold: float,
+    per_token: bool,
+    sparsity_hint: float,
+) -> Tensor:
+    """CATS gated MLP: gate dense, mask ``|act(gate)| > t``, up and down only where active."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    no_bias = b_gate is None and b_up is None and b_down is None
+    tri = _triton() if x.is_cuda and no_bias and not per_token and 0 < rows <= TRITON_MAX_ROWS else None
+    if tri is not None:
+        out = tri.gated_mlp_cats(x2.contiguous(), w_gate, w_up, w_down, act, threshold,
+                                 sparsity_hint=sparsity_hint)
+        return out.reshape(*lead, out.shape[-1])
+    g = activation(act, F.linear(x2, w_gate, b_gate))
+    mask = input_mask(g, threshold, per_token)
+    if not x.is_cuda and rows <= GATHER_MAX_ROWS:
+        active = mask.any(0)
+        n_active = int(active.sum())
+        if n_active <= GATHER_MAX_DENSITY * g.shape[1]:
+            idx = active.nonzero().squeeze(1)
+            up = F.linear(x2, w_up.index_select(0, idx), None if b_up is None else b_up[idx])
+            h = torch.where(mask[:, idx], g[:, idx] * up, _zero(g))
+            out = h @ _gather_rows(w_down, idx)
+            out = out if b_down is None else out + b_down
+            return out.reshape(*lead, out.shape[-1])
+    h = torch.where(mask, g * F.linear(x2, w_up, b_up), _zero(g))
+    out = F.linear(h, w_down, b_down)
+    return out.reshape(*lead, out.shape[-1])
+
+
+@gated_mlp.register_fake
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, threshold, per_token, sparsity_hint):
+    return x.new_empty(*x.shape[:-1], w_down.shape[0])

@@ -1,0 +1,152 @@
+"""Mask insertion: rewrite the sites a plan names into actsparse ops.
+
+* CATS rules on a gated MLP's down projection replace ``down(act(gate x) * up x)`` with one
+  ``actsparse::gated_mlp`` call (on a plain MLP the activation mask is the down input's mask,
+  so it becomes an input threshold on the down projection).
+* Input thresholds (TEAL) and statistical top-k rules group the linears that share one input
+  and replace them with one ``actsparse::sparse_linear`` call, one output per linear.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..plan import SparsityPlan
+from .sites import Site
+
+sparse_linear_op = torch.ops.actsparse.sparse_linear.default
+gated_mlp_op = torch.ops.actsparse.gated_mlp.default
+
+
+@dataclass
+class RewriteStats:
+    """What a rewrite did: counts for tests, names for the unfound-rule report."""
+
+    sparse_linear_calls: int = 0
+    gated_mlp_calls: int = 0
+    masked_sites: int = 0
+    found_rules: set[str] = field(default_factory=set)
+
+
+def resolve_names(sites: list[Site], plan: SparsityPlan) -> dict[str, str]:
+    """Map each site's graph module name to the plan's name for it.
+
+    Names match exactly when the whole model was compiled; when a submodule was compiled its
+    names lack a prefix, so a unique plan name ending in ``"." + name`` is accepted.
+    """
+    names = plan.rule_names()
+    out = {}
+    for s in sites:
+        if s.module in names:
+            out[s.module] = s.module
+            continue
+        hits = [n for n in names if n.endswith("." + s.module)]
+        if len(hits) == 1:
+            out[s.module] = hits[0]
+    return out
+
+
+def _weight_arg(graph: fx.Graph, site: Site) -> fx.Node:
+    """The weight in nn.Linear layout [out, in]: Conv1D's [in, out] weight gets a ``t()`` view."""
+    if site.kind == "linear":
+        return site.weight
+    with graph.inserting_before(site.node):
+        return graph.call_method("t", (site.weight,))
+
+
+def _replace(site: Site, new: fx.Node) -> None:
+    site.node.replace_all_uses_with(new)
+
+
+def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
+                 sparsity_hints: dict[str, float] | None = None) -> RewriteStats:
+    """Rewrite ``gm`` in place according to ``plan``; returns what was done."""
+    stats = RewriteStats()
+    graph = gm.graph
+    names = resolve_names(sites, plan)
+    hints = sparsity_hints or {}
+
+    def hint(module: str) -> float:
+        return float(hints.get(module, plan.measured.get(module, plan.target or 0.0) or 0.0))
+
+    handled: set[fx.Node] = set()
+
+    # 1. CATS rules on the down projection of an MLP.
+    for s in sites:
+        pname = names.get(s.module)
+        if s.role != "mlp_down" or pname not in plan.activation_thresholds:
+            continue
+        t = plan.activation_thresholds[pname]
+        stats.found_rules.add(pname)
+        if not s.gated:
+            continue  # plain MLP: handled below as the down input's threshold
+        gate, up = s.gated["gate"], s.gated["up"]
+        clash = [names.get(x.module) for x in (gate, up, s) if names.get(x.module) in plan.thresholds]
+        if clash:
+            raise ValueError(f"plan has both a CATS rule on {pname} and input thresholds on {clash}; "
+                             "an MLP takes one or the other")
+        with graph.inserting_before(s.node):
+            new = graph.call_function(gated_mlp_op, (
+                gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias,
+                s.act, t, False, hint(pname)))
+        new.meta.update(s.node.meta)
+        _replace(s, new)
+        graph.erase_node(s.node)
+        handled.update({s.node, gate.node, up.node})
+        for x in (gate, s, up):
+            x.rule = f"cats t={t:.4g}"
+        stats.gated_mlp_calls += 1
+        stats.masked_sites += 1
+
+    # 2. Input thresholds and statistical top-k, grouped by shared input.
+    groups: dict[fx.Node, list[tuple[Site, float, bool]]] = defaultdict(list)
+    st = plan.stat_topk
+    for s in sites:
+        if s.node in handled:
+            continue
+        pname = names.get(s.module)
+        if pname in plan.thresholds:
+            groups[s.input].append((s, plan.thresholds[pname], False))
+            stats.found_rules.add(pname)
+        elif s.role == "mlp_down" and pname in plan.activation_thresholds and not s.gated:
+            groups[s.input].append((s, plan.activation_thresholds[pname], False))
+        elif st is not None and s.role in st.roles and st.sparsity > 0:
+            groups[s.input].append((s, st.multiplier, True))
+
+    for x, members in groups.items():
+        # per-token (statistical) and fixed thresholds never share one call
+        for per_token in (False, True):
+            part = [m for m in members if m[2] == per_token]
+            if not part:
+                continue
+            first = min((m[0].node for m in part), key=_order(graph))
+            with graph.inserting_before(first):
+                weights = [_weight_arg(graph, m[0]) for m in part]
+                call = graph.call_function(sparse_linear_op, (
+                    x, weights, [m[0].bias for m in part], [m[1] for m in part], per_token,
+                    max(hint(names.get(m[0].module, m[0].module)) for m in part)))
+            for i, (s, t, _) in enumerate(part):
+                with graph.inserting_after(call):
+                    item = graph.call_function(operator.getitem, (call, i))
+                item.meta.update(s.node.meta)
+                _replace(s, item)
+                graph.erase_node(s.node)
+                s.rule = ("stat-topk z=" if per_token else "teal t=") + f"{t:.4g}" + \
+                    (f" (shared x{len(part)})" if len(part) > 1 else "")
+            stats.sparse_linear_calls += 1
+            stats.masked_sites += len(part)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return stats
+
+
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]

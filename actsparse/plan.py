@@ -1,0 +1,280 @@
+"""SparsityPlan: which masks go where, saved as JSON (tensors, if any, as safetensors).
+
+A plan is keyed by module name (as in ``model.named_modules()``). It holds three kinds of rule:
+
+* ``thresholds``: TEAL input masks, ``{linear module: t}``; that layer's input x becomes
+  ``x * (|x| > t)``. Layers sharing an input (q/k/v, gate/up) may have different thresholds.
+* ``activation_thresholds``: CATS masks, ``{down-projection module: t}``; the mask
+  ``|act(gate(x))| > t`` skips rows of up_proj and columns of down_proj.
+* ``stat_topk``: calibration-free per-token cutoffs for every site of the listed roles.
+
+It also records how it was made (method, target, measured sparsity per site and overall) and
+a fingerprint of the model it was made for, so that a plan used on another model fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "actsparse-plan"
+VERSION = 1
+ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model, or a malformed plan file."""
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Module name -> weight shape for every linear-like layer (nn.Linear, HF Conv1D)."""
+    shapes = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and _is_linear_like(mod):
+            shapes[name] = list(w.shape)
+    return shapes
+
+
+def _is_linear_like(mod: torch.nn.Module) -> bool:
+    return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """What a plan needs to recognise its model: architecture and linear weight shapes."""
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) if cfg is not None else None
+    arch = archs[0] if archs else type(model).__name__
+    return {"architecture": arch, "weights": linear_weights(model)}
+
+
+@dataclass
+class StatTopK:
+    """Statistical top-k: per token, cutoff = rms(x) * Phi^-1((1 + s) / 2) on |x|.
+
+    Assumes each token's site input is roughly zero-mean Gaussian across channels, so a
+    fraction ``sparsity`` of |x| falls under the cutoff without any calibration.
+    """
+
+    sparsity: float
+    roles: tuple[str, ...] = ROLES
+
+    @property
+    def multiplier(self) -> float:
+        return normal_ppf((1.0 + self.sparsity) / 2.0)
+
+
+def normal_ppf(p: float) -> float:
+    """Phi^-1(p) for the standard normal, by bisection on erf (no scipy dependency)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"probability must be in (0, 1), got {p}")
+    lo, hi = -12.0, 12.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+@dataclass
+class SparsityPlan:
+    """Per-site mask rules for one model; see the module docstring."""
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    activation_thresholds: dict[str, float] = field(default_factory=dict)
+    stat_topk: StatTopK | None = None
+    method: str = "manual"
+    target: float | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+    overall_sparsity: float | None = None
+    model: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    def __post_init__(self) -> None:
+        for kind, rules in (("thresholds", self.thresholds),
+                            ("activation_thresholds", self.activation_thresholds)):
+            for name, t in rules.items():
+                if not isinstance(name, str):
+                    raise PlanError(f"{kind}: module names must be strings, got {name!r}")
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                    raise PlanError(f"{kind}[{name!r}] must be a finite number >= 0, got {t!r}")
+            rules.update({n: float(t) for n, t in rules.items()})
+        if self.stat_topk is not None:
+            s = self.stat_topk.sparsity
+            if not 0.0 <= s < 1.0:
+                raise PlanError(f"stat_topk sparsity must be in [0, 1), got {s}")
+            bad = [r for r in self.stat_topk.roles if r not in ROLES]
+            if bad:
+                raise PlanError(f"stat_topk roles {bad} unknown; allowed: {', '.join(ROLES)}")
+
+    @classmethod
+    def from_thresholds(
+        cls,
+        model: torch.nn.Module,
+        thresholds: Mapping[str, float],
+        *,
+        activation_thresholds: Mapping[str, float] | None = None,
+        method: str = "manual",
+        target: float | None = None,
+    ) -> SparsityPlan:
+        """A plan of TEAL input thresholds (and optional CATS thresholds) for ``model``."""
+        plan = cls(
+            thresholds=dict(thresholds),
+            activation_thresholds=dict(activation_thresholds or {}),
+            method=method,
+            target=target,
+            model=fingerprint(model),
+        )
+        plan.validate(model)
+        return plan
+
+    @classmethod
+    def statistical(cls, sparsity: float, model: torch.nn.Module | None = None,
+                    roles: tuple[str, ...] = ROLES) -> SparsityPlan:
+        """A calibration-free plan: statistical top-k at ``sparsity`` on every site."""
+        return cls(stat_topk=StatTopK(float(sparsity), tuple(roles)), method="stat-topk",
+                   target=float(sparsity), model=None if model is None else fingerprint(model))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_empty(self) -> bool:
+        return not self.thresholds and not self.activation_thresholds and self.stat_topk is None
+
+    def rule_names(self) -> set[str]:
+        """Every module name a rule refers to."""
+        return set(self.thresholds) | set(self.activation_thresholds)
+
+    def validate(self, model: torch.nn.Module) -> None:
+        """Raise PlanError naming what does not fit: unknown modules, another model."""
+        shapes = linear_weights(model)
+        missing = sorted(n for n in self.rule_names() if n not in shapes)
+        if missing:
+            known = dict(model.named_modules())
+            not_linear = [n for n in missing if n in known]
+            absent = [n for n in missing if n not in known]
+            parts = []
+            if absent:
+                parts.append(f"modules the model does not have: {_short(absent)}")
+            if not_linear:
+                parts.append(f"modules that are not linear layers: {_short(not_linear)}")
+            raise PlanError("plan names " + "; ".join(parts))
+        if self.model is not None:
+            self.check_fingerprint(fingerprint(model))
+
+    def check_fingerprint(self, other: Mapping[str, Any]) -> None:
+        """Raise PlanError if ``other`` (a fingerprint) is not the model this plan was made for."""
+        if self.model is None:
+            return
+        mine = self.model
+        if mine.get("architecture") != other.get("architecture"):
+            raise PlanError(
+                f"plan was made for a {mine.get('architecture')} model, not for "
+                f"{other.get('architecture')}"
+            )
+        a, b = mine.get("weights", {}), other.get("weights", {})
+        diff = [f"{n}: plan {a[n]} vs model {b.get(n)}" for n in a if list(a[n]) != list(b.get(n) or [])]
+        if diff:
+            raise PlanError("plan was made for another model (weight shapes differ): " + _short(diff))
+
+    def check_weight_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Like check_fingerprint, for the weights a traced graph holds (partial view)."""
+        if self.model is None:
+            return
+        a = self.model.get("weights", {})
+        diff = [f"{n}: plan {a[n]} vs model {list(s)}" for n, s in shapes.items()
+                if n in a and list(a[n]) != list(s)]
+        if diff:
+            raise PlanError("plan was made for another model (weight shapes differ): " + _short(diff))
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "method": self.method,
+            "target": self.target,
+            "overall_sparsity": self.overall_sparsity,
+            "thresholds": self.thresholds,
+            "activation_thresholds": self.activation_thresholds,
+            "stat_topk": None if self.stat_topk is None else {
+                "sparsity": self.stat_topk.sparsity, "roles": list(self.stat_topk.roles)},
+            "roles": self.roles,
+            "measured": self.measured,
+            "model": self.model,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SparsityPlan:
+        if d.get("format") != FORMAT:
+            raise PlanError(f"not an actsparse plan (format field is {d.get('format')!r})")
+        if d.get("version") != VERSION:
+            raise PlanError(f"plan version {d.get('version')} is not supported (expected {VERSION})")
+        st = d.get("stat_topk")
+        return cls(
+            thresholds=dict(d.get("thresholds") or {}),
+            activation_thresholds=dict(d.get("activation_thresholds") or {}),
+            stat_topk=None if st is None else StatTopK(float(st["sparsity"]), tuple(st["roles"])),
+            method=d.get("method", "manual"),
+            target=d.get("target"),
+            roles=dict(d.get("roles") or {}),
+            measured={k: float(v) for k, v in (d.get("measured") or {}).items()},
+            overall_sparsity=d.get("overall_sparsity"),
+            model=d.get("model"),
+            info=dict(d.get("info") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON (atomically: a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> SparsityPlan:
+        """Read a plan; with ``model``, also check that it fits that model."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON: {e}") from None
+        plan = cls.from_dict(data)
+        if model is not None:
+            plan.validate(model)
+        return plan
+
+    def summary(self) -> str:
+        parts = [f"method={self.method}"]
+        if self.target is not None:
+            parts.append(f"target={self.target:.2f}")
+        if self.overall_sparsity is not None:
+            parts.append(f"measured={self.overall_sparsity:.3f}")
+        parts.append(f"{len(self.thresholds)} input thresholds")
+        if self.activation_thresholds:
+            parts.append(f"{len(self.activation_thresholds)} activation thresholds")
+        if self.stat_topk is not None:
+            parts.append(f"stat-topk s={self.stat_topk.sparsity:.2f}")
+        return "SparsityPlan(" + ", ".join(parts) + ")"
+
+    __str__ = summary
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    head = ", ".join(items[:n])
+    return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
