@@ -30,7 +30,8 @@ class SparseBackend:
         self.options = options
         self.found_rules: set[str] = set()
         self.graphs = 0
-        self.sites: list[Any] = []
+        self.sites: list[Any] = []  # every site of every graph compiled, with its rule
+        self.masked_sites = 0  # sites rewritten into actsparse ops, over all graphs
         self._warned_no_sites = False
         self._announced = False
         self._last_missing: frozenset[str] | None = None
@@ -50,6 +51,7 @@ class SparseBackend:
                           f"{opts.plan.stat_topk.sparsity:g} on every site", stacklevel=2)
         result = run_passes(gm, opts.plan)
         self.sites.extend(result.sites)
+        self.masked_sites += result.stats.masked_sites
         self.found_rules |= result.stats.found_rules
         if not result.sites:
             if not self._warned_no_sites:
@@ -60,7 +62,10 @@ class SparseBackend:
             self._report_missing()
         if opts.debug:
             print(f"actsparse: graph {self.graphs}\n{result.table}")
-        compiled = compile_fx(gm, example_inputs, config_patches=opts.config_patches())
+        if opts.compiler == "eager":
+            compiled = gm.forward
+        else:
+            compiled = compile_fx(gm, example_inputs, config_patches=opts.config_patches())
         relayout = [example_inputs[i] for i in result.input_major_inputs
                     if isinstance(example_inputs[i], torch.nn.Parameter)
                     and not is_input_major(example_inputs[i])]
@@ -124,9 +129,11 @@ def _backend_for(options: BackendOptions) -> SparseBackend:
 
 def backend(plan: SparsityPlan | str | None = None, *, sparsity: float | None = None,
             cudagraphs: bool = False, debug: bool = False, relayout: str = "lazy",
-            mode: str | None = None, inductor: dict[str, Any] | None = None) -> SparseBackend:
+            mode: str | None = None, inductor: dict[str, Any] | None = None,
+            compiler: str = "inductor") -> SparseBackend:
     """A backend object for ``torch.compile(model, backend=actsparse.backend(plan, ...))``."""
-    options: dict[str, Any] = {"cudagraphs": cudagraphs, "debug": debug, "relayout": relayout}
+    options: dict[str, Any] = {"cudagraphs": cudagraphs, "debug": debug, "relayout": relayout,
+                               "compiler": compiler}
     if plan is not None:
         options["plan"] = plan
     if sparsity is not None:

@@ -11,6 +11,7 @@ from ..plan import SparsityPlan
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RELAYOUTS = ("lazy", "off")
+COMPILERS = ("inductor", "eager")
 
 # name -> (accepted types, description)
 _SPEC: dict[str, tuple[tuple[type, ...], str]] = {
@@ -20,6 +21,8 @@ _SPEC: dict[str, tuple[tuple[type, ...], str]] = {
     "debug": ((bool,), "True to print the table of sites and the rule applied to each"),
     "relayout": ((str,), f"how masked weights become input-major: one of {RELAYOUTS}"),
     "inductor": ((dict,), "extra Inductor config patches, passed to compile_fx"),
+    "compiler": ((str,), f"what compiles the rewritten graph: one of {COMPILERS} "
+                         "('eager' runs it uncompiled: for debugging and fast tests)"),
 }
 
 
@@ -35,6 +38,7 @@ class BackendOptions:
     relayout: str = "lazy"
     mode: str | None = None
     inductor: dict[str, Any] = field(default_factory=dict)
+    compiler: str = "inductor"
     plan_was_default: bool = False
 
     @classmethod
@@ -55,6 +59,9 @@ class BackendOptions:
         relayout = options.get("relayout", "lazy")
         if relayout not in RELAYOUTS:
             raise OptionsError(f"option 'relayout' must be one of {RELAYOUTS}, got {relayout!r}")
+        compiler = options.get("compiler", "inductor")
+        if compiler not in COMPILERS:
+            raise OptionsError(f"option 'compiler' must be one of {COMPILERS}, got {compiler!r}")
         plan = options.get("plan")
         sparsity = options.get("sparsity")
         if plan is not None and sparsity is not None:
@@ -74,7 +81,7 @@ class BackendOptions:
         cudagraphs = bool(options.get("cudagraphs", False)) or mode == "reduce-overhead"
         return cls(plan=plan, cudagraphs=cudagraphs, debug=bool(options.get("debug", False)),
                    relayout=relayout, mode=mode, inductor=dict(options.get("inductor", {})),
-                   plan_was_default=default)
+                   compiler=compiler, plan_was_default=default)
 
     def config_patches(self) -> dict[str, Any]:
         """Inductor config for the mode, plus CUDA graphs if asked for in options."""

@@ -63,6 +63,26 @@ def _replace(site: Site, new: fx.Node) -> None:
     site.node.replace_all_uses_with(new)
 
 
+def _erase_orphans(graph: fx.Graph, candidates: list[fx.Node]) -> None:
+    """Erase the nodes a rewrite left without users, and what only they used.
+
+    Not ``graph.eliminate_dead_code()``: Dynamo graphs hold in-place updates (static KV cache
+    ``index_copy_``) whose results nobody uses, and those must stay.
+    """
+    stack = list(candidates)
+    while stack:
+        n = stack.pop()
+        if n.graph is not graph or n.users or n.op not in ("call_function", "call_method"):
+            continue
+        if n.op == "call_method" and str(n.target).endswith("_"):
+            continue
+        if n.op == "call_function" and (n.is_impure() or getattr(n.target, "__name__", "").endswith("_")):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
 def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
                  sparsity_hints: dict[str, float] | None = None) -> RewriteStats:
     """Rewrite ``gm`` in place according to ``plan``; returns what was done."""
@@ -75,6 +95,7 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
         return float(hints.get(module, plan.measured.get(module, plan.target or 0.0) or 0.0))
 
     handled: set[fx.Node] = set()
+    orphans: list[fx.Node] = []
 
     # 1. CATS rules on the down projection of an MLP.
     for s in sites:
@@ -96,6 +117,7 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
                 s.act, t, False, hint(pname)))
         new.meta.update(s.node.meta)
         _replace(s, new)
+        orphans.extend(s.node.all_input_nodes)
         graph.erase_node(s.node)
         handled.update({s.node, gate.node, up.node})
         for x in (gate, s, up):
@@ -135,13 +157,14 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
                     item = graph.call_function(operator.getitem, (call, i))
                 item.meta.update(s.node.meta)
                 _replace(s, item)
+                orphans.extend(s.node.all_input_nodes)
                 graph.erase_node(s.node)
                 s.rule = ("stat-topk z=" if per_token else "teal t=") + f"{t:.4g}" + \
                     (f" (shared x{len(part)})" if len(part) > 1 else "")
             stats.sparse_linear_calls += 1
             stats.masked_sites += len(part)
 
-    graph.eliminate_dead_code()
+    _erase_orphans(graph, orphans)
     graph.lint()
     gm.recompile()
     return stats
