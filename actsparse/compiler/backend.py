@@ -59,6 +59,7 @@ class SparseBackend:
                 warnings.warn("actsparse: no linear layer found in the traced graph; it is "
                               "compiled densely by Inductor", stacklevel=2)
         else:
+            self._report_unresolved(result)
             self._report_missing()
         if opts.debug:
             print(f"actsparse: graph {self.graphs}\n{result.table}")
@@ -72,6 +73,17 @@ class SparseBackend:
         if opts.relayout == "lazy" and relayout:
             return _relayout_after_first_call(compiled, relayout)
         return compiled
+
+    def _report_unresolved(self, result) -> None:
+        """A graph whose module names fit several places of the model runs dense: say so."""
+        names = result.stats.unresolved
+        if names and result.stats.masked_sites == 0 and self.plan.rule_names() and \
+                len(names) > 1 and not all(s.role == "other" for s in result.sites):
+            warnings.warn(
+                f"actsparse: graph {self.graphs} was traced from a submodule (a graph break inside "
+                f"the model?) and its layers ({', '.join(names[:4])}, ...) fit several places of "
+                "the model, so it runs dense; compile with fullgraph=True to find the break",
+                stacklevel=3)
 
     def _report_missing(self) -> None:
         missing = frozenset(self.plan.rule_names() - self.found_rules)

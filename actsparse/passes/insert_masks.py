@@ -31,24 +31,32 @@ class RewriteStats:
     gated_mlp_calls: int = 0
     masked_sites: int = 0
     found_rules: set[str] = field(default_factory=set)
+    unresolved: list[str] = field(default_factory=list)  # site names no plan name fits
 
 
 def resolve_names(sites: list[Site], plan: SparsityPlan) -> dict[str, str]:
-    """Map each site's graph module name to the plan's name for it.
+    """Map each site's graph module name to the plan's (absolute) name for it.
 
-    Names match exactly when the whole model was compiled; when a submodule was compiled its
-    names lack a prefix, so a unique plan name ending in ``"." + name`` is accepted.
+    Names match exactly when the whole model was traced as one graph. A graph traced from a
+    submodule's frame (a compiled submodule, or a graph break inside a decoder layer) names
+    its modules relative to that submodule; such a graph is mapped only if one prefix makes
+    every one of its names a module of the plan's model. A decoder layer's frame fits every
+    layer equally (and Dynamo reuses its graph across layers), so it stays unmapped, dense,
+    and its rules are reported as not found.
     """
-    names = plan.rule_names()
-    out = {}
-    for s in sites:
-        if s.module in names:
-            out[s.module] = s.module
-            continue
-        hits = [n for n in names if n.endswith("." + s.module)]
-        if len(hits) == 1:
-            out[s.module] = hits[0]
-    return out
+    known = set((plan.model or {}).get("weights", {})) or plan.rule_names()
+    names = [s.module for s in sites]
+    if any(n in known for n in names):  # rooted at the model (a tied head may not be linear)
+        return {n: n for n in names if n in known}
+    prefixes: set[str] | None = None
+    for n in names:
+        cands = {k[: -len(n)] for k in known if k.endswith("." + n)}
+        if cands:
+            prefixes = cands if prefixes is None else prefixes & cands
+    if prefixes and len(prefixes) == 1:
+        p = prefixes.pop()
+        return {n: p + n for n in names}
+    return {}
 
 
 def _weight_arg(graph: fx.Graph, site: Site) -> fx.Node:
@@ -89,6 +97,7 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
     stats = RewriteStats()
     graph = gm.graph
     names = resolve_names(sites, plan)
+    stats.unresolved = [s.module for s in sites if s.module not in names]
     hints = sparsity_hints or {}
 
     def hint(module: str) -> float:

@@ -192,8 +192,17 @@ def _gated_parts(down_in: fx.Node, by_node: dict[fx.Node, Site]) -> tuple[Site, 
     return None
 
 
-def _reaches_attention(node: fx.Node, linear_nodes: set[fx.Node], limit: int = 60) -> bool:
-    """Does ``node``'s output flow into an attention op before reaching another linear?"""
+def _is_inplace(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+
+
+def _reaches_attention(node: fx.Node, linear_nodes: set[fx.Node], limit: int = 400) -> bool:
+    """Does ``node``'s output flow into an attention op before reaching another linear?
+
+    In-place writes are followed to the readers of the tensor they write: a static KV cache
+    receives k and v by ``index_copy_`` and attention reads the cache.
+    """
     stack, seen = list(node.users), set()
     while stack and len(seen) < limit:
         n = stack.pop()
@@ -203,6 +212,8 @@ def _reaches_attention(node: fx.Node, linear_nodes: set[fx.Node], limit: int = 6
         if _is_attention(n):
             return True
         stack.extend(n.users)
+        if _is_inplace(n) and n.args and isinstance(n.args[0], fx.Node):
+            stack.extend(n.args[0].users)
     return False
 
 
@@ -241,6 +252,11 @@ def discover_sites(gm: fx.GraphModule) -> list[Site]:
         if _from_attention(s.input):
             s.role = "attn_out"
         elif _reaches_attention(s.node, linear_nodes):
+            s.role = "attn_in"
+    # q, k and v share their input: one found attention input makes its siblings ones too
+    attn_inputs = {s.input for s in sites if s.role == "attn_in"}
+    for s in sites:
+        if s.role == "other" and s.input in attn_inputs:
             s.role = "attn_in"
     return sites
 

@@ -1,0 +1,407 @@
+"""Input-sparse linear layers in Triton: y_i = (x masked by |x| > t_i) @ W_i^T + b_i.
+
+Why it is fast
+--------------
+Decoding reads every weight once per token, so time is bytes. If input channel k is zero in
+every row of the batch, the k-th column of W (N values) is never needed. Store W input-major
+(`W.t().contiguous().t()`: logical shape [N, K], strides (1, N)), and those N values are one
+contiguous row of memory: skipping channel k skips a whole contiguous segment.
+
+The kernel, one program per (block of BLOCK_N outputs) x (chunk of CHUNK input channels):
+
+1. Load x[:, chunk] for all M rows, apply each row's cutoff, take the union over rows:
+   `active[k]` says whether any row needs channel k.
+2. COMPACT=True (the fast path at high sparsity): a prefix sum turns `active` into a dense
+   list of the active channels (written to a small scratch buffer, re-read after a barrier).
+   The main loop then walks only that list, BLOCK_K active channels at a time, so every
+   iteration loads BLOCK_K useful weight rows. Predicating loads on the mask alone (TEAL's
+   design, COMPACT=False) issues the same number of iterations whatever the sparsity, each
+   waiting a full memory latency for a few rows: that is why its gains saturate.
+3. Split-K reduction without atomics on bf16: each program adds its fp32 partial sums into an
+   fp32 workspace (fp32 atomics), then bumps a per-block counter. The program that arrives
+   last reads the sums, adds the bias, writes y in x's dtype, and resets workspace and counter
+   to zero, so the next launch needs no memset: one launch per call, CUDA-graph safe.
+
+M (1..16 token rows) is handled in one pass: M=1 uses fp32 FMAs (x[k] * W[k, :], reduced over
+k once at the end); 2..4 rows the same FMAs on a [rows, BLOCK_K, BLOCK_N] accumulator; 5..16
+rows `tl.dot` with the rows padded to 16 (tensor cores are idle in a GEMV anyway). Up to three
+outputs (q/k/v, gate/up) share x and one launch; each has its own threshold, weights, strides
+and bias, and its own blocks in grid axis 0.
+
+Status (H100, Triton 3.6, benchmarks/kernels_h100.md): one row is exact everywhere, eager and
+in CUDA graphs, and 1.3-1.4x faster than cuBLAS at 50% sparsity, 2.6-2.9x at 90% on the large
+Llama-3-8B layers. The multi-row paths returned wrong sums on some inputs there, so the public
+wrappers send batches to the dense fallback (`DOT_PATH_ENABLED`, `FEW_ROWS_PATH_ENABLED`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import triton
+import triton.language as tl
+
+from actsparse.kernels.triton import _runtime as rt
+
+MAX_OUTPUTS = 3
+MIN_BLOCK_N = 16  # the smallest BLOCK_N of any config: sizes the counter buffer
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok,
+                cutoff, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UNION_KNOWN: tl.constexpr):
+    """acc += masked x[:, rows] @ W[rows, offs_n]; weight rows no batch row needs are not read.
+
+    UNION_KNOWN: `valid` already marks exactly the rows some batch row needs (compacted list),
+    so no reduction over the batch rows is needed here. The multi-row (tl.dot) path only runs
+    with it: a cross-warp reduction in the same loop as the dot gave wrong sums on an H100
+    (Triton 3.6).
+    """
+    xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
+                 mask=m_ok[:, None] & valid[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+    keep = tl.abs(xg.to(tl.float32)) > cutoff[:, None]
+    if UNION_KNOWN:
+        row_on = valid
+    else:
+        row_on = (tl.max(keep.to(tl.int32), axis=0) > 0) & valid  # union over the batch rows
+    # A masked load issues no memory transaction: inactive rows cost nothing but the issue slot.
+    w = tl.load(W + rows[:, None] * swk + offs_n[None, :] * swn,
+                mask=row_on[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+    if M_PAD == 1:
+        xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
+        acc += xv[:, None] * w.to(tl.float32)  # reduced over k once, after the loop
+    elif M_PAD <= 4:  # a few rows: fp32 FMAs on [M_PAD, BLOCK_K, BLOCK_N], no tensor cores
+        xm = tl.where(keep, xg.to(tl.float32), 0.0)
+        acc += xm[:, :, None] * w.to(tl.float32)[None, :, :]
+    else:
+        xm = tl.where(keep, xg, 0.0).to(w.dtype)
+        if DOT_PRECISION == "upcast":  # Triton's CPU interpreter gets bf16 dots wrong
+            acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xm, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
+                 W, swn, swk, B, Y, N, thr,
+                 blk, col0, cnt_idx, scr_base,
+                 M, K, N_TOTAL,
+                 HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                 COMPACT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
+    pid_k = tl.program_id(1)
+    k0 = pid_k * CHUNK
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, M_PAD)
+    m_ok = offs_m < M
+    if HAS_ROW_SCALE:
+        cutoff = thr * tl.load(RS + offs_m, mask=m_ok, other=1.0).to(tl.float32)
+    else:
+        cutoff = tl.zeros([M_PAD], dtype=tl.float32) + thr
+    if M_PAD == 1:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    elif M_PAD <= 4:
+        acc = tl.zeros([M_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+
+    if COMPACT:
+        # 1. which channels of this chunk does any row need?
+        offs_c = tl.arange(0, CHUNK)
+        kc = k0 + offs_c
+        if M_PAD == 1:
+            xc = tl.load(X + offs_m[:, None] * stride_xm + kc[None, :] * stride_xk,
+                         mask=m_ok[:, None] & (kc < K)[None, :], other=0.0)
+            on = (tl.abs(xc.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & (kc < K)[None, :]
+            active = tl.max(on.to(tl.int32), axis=0)  # [CHUNK] of 0/1 (a reduction over 1 row)
+        else:
+            # The union over the batch rows, one row at a time: elementwise ORs only. A reduction
+            # over the row axis of a [rows, CHUNK] tile here gave wrong sums on an H100 (Triton
+            # 3.6); this form avoids any cross-thread reduction before the prefix sum.
+            active = tl.zeros([CHUNK], dtype=tl.int32)
+            for m in tl.static_range(M_PAD):
+                if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
+                    c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
+                else:
+                    c_m = thr
+                row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
+                xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
+                hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
+                active = tl.maximum(active, hit.to(tl.int32))
+        # 2. compact them: the i-th active channel goes to slot i of this chunk's scratch.
+        # Every program of the same (output, chunk) writes the same list, so sharing is safe.
+        pos = tl.cumsum(active, axis=0) - 1
+        n_act = tl.sum(active, axis=0)
+        scr = SCR + scr_base + k0
+        tl.store(scr + pos, offs_c, mask=active > 0)
+        tl.debug_barrier()  # the list is written by all threads, read back by all threads
+        # 3. walk the list; the next slice of indices is fetched while this one's rows load.
+        offs_j = tl.arange(0, BLOCK_K)
+        idx = tl.load(scr + offs_j, mask=offs_j < n_act, other=0, cache_modifier=".cg")
+        for j in range(0, n_act, BLOCK_K):
+            valid = (j + offs_j) < n_act
+            rows = k0 + idx
+            nxt = j + BLOCK_K + offs_j
+            idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=".cg")
+            if M_PAD > 4:
+                tl.debug_barrier()  # keep the dot's shared-memory staging apart between iterations
+            acc = _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, valid,
+                              offs_m, m_ok, offs_n, n_ok, cutoff, M_PAD, DOT_PRECISION, True)
+    else:
+        # TEAL-style: visit every channel of the chunk, predicate the weight loads on the mask.
+        tl.static_assert(M_PAD == 1, "the predicated path is for one row; batches use COMPACT")
+        for kb in range(0, CHUNK, BLOCK_K):
+            rows = k0 + kb + tl.arange(0, BLOCK_K)
+            acc = _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, rows < K,
+                              offs_m, m_ok, offs_n, n_ok, cutoff, M_PAD, DOT_PRECISION, False)
+
+    if M_PAD == 1:
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+    elif M_PAD <= 4:
+        part = tl.sum(acc, axis=1)  # [M_PAD, BLOCK_N]
+    else:
+        part = acc  # [M_PAD, BLOCK_N]
+
+    # 4. split-K reduction in fp32; the last program of this output block finishes it.
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    ws = WS + offs_m[:, None] * N_TOTAL + col0 + offs_n[None, :]
+    tl.atomic_add(ws, part, mask=out_ok, sem="relaxed")
+    tl.debug_barrier()  # all threads' adds happen before the (single-thread) counter release
+    done = tl.atomic_add(CNT + cnt_idx, 1, sem="acq_rel")
+    if done == tl.num_programs(1) - 1:
+        tot = tl.load(ws, mask=out_ok, other=0.0, cache_modifier=".cg")
+        tl.store(ws, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=out_ok)
+        if HAS_BIAS:
+            tot += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * N + offs_n[None, :], tot.to(Y.dtype.element_ty), mask=out_ok)
+        tl.atomic_xchg(CNT + cnt_idx, 0)
+
+
+@triton.jit
+def _sparse_linear_kernel(
+    X, RS, WS, CNT, SCR,
+    W0, W1, W2, B0, B1, B2, Y0, Y1, Y2,
+    t0, t1, t2,
+    N0, N1, N2,
+    s_w0n, s_w0k, s_w1n, s_w1k, s_w2n, s_w2k,
+    stride_xm, stride_xk,
+    M, K, N_TOTAL,
+    M_BUCKET, SPARSITY_KEY, DEVICE_KEY,  # only for the autotune key
+    NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
+):
+    """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
+    pointers and strides (no merged variables: strides keep their divisibility hints)."""
+    pid_n = tl.program_id(0)
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    if pid_n < nb0:
+        _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0,
+                     pid_n, 0, pid_n, 0, M, K, N_TOTAL,
+                     HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
+    elif NUM_OUT >= 2:
+        if pid_n < nb0 + nb1:
+            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1,
+                         pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
+                         HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
+        elif NUM_OUT >= 3:
+            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2,
+                         pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
+                         HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and autotuning
+# ----------------------------------------------------------------------------------------------
+
+
+def _cfg(compact, chunk, block_k, block_n, warps, stages=1):
+    return triton.Config(dict(COMPACT=compact, CHUNK=chunk, BLOCK_K=block_k, BLOCK_N=block_n),
+                         num_warps=warps, num_stages=stages)
+
+
+# A short list: compaction at several chunk sizes (more programs for small layers), plus the
+# TEAL-style predicated tile that wins when almost nothing is skipped.
+CONFIGS_M1 = [
+    _cfg(True, 512, 32, 256, 4),
+    _cfg(True, 256, 32, 256, 4),
+    _cfg(True, 1024, 64, 256, 8),
+    _cfg(True, 256, 32, 128, 4),
+    _cfg(True, 128, 32, 128, 4),
+    _cfg(True, 512, 64, 128, 4),
+    _cfg(False, 64, 64, 256, 4),
+    _cfg(False, 256, 32, 256, 4),
+]
+CONFIGS_FEW = [  # 2..4 rows: compacted lists, fp32 FMAs on a [rows, BLOCK_K, BLOCK_N] accumulator
+    _cfg(True, 256, 16, 128, 4),
+    _cfg(True, 512, 16, 256, 8),
+    _cfg(True, 256, 32, 128, 8),
+    _cfg(True, 128, 16, 64, 4),
+    _cfg(True, 256, 16, 64, 4),
+]
+CONFIGS_DOT = [  # 5..16 rows: compacted lists only (see `_accumulate`), no software pipelining
+    _cfg(True, 256, 32, 128, 4),
+    _cfg(True, 512, 64, 128, 4),
+    _cfg(True, 256, 64, 256, 8),
+    _cfg(True, 128, 32, 64, 4),
+    _cfg(True, 512, 32, 256, 4),
+]
+#: Switches for the batch paths (False sends those batches to the dense fallback).
+#: Both are OFF: on an H100 (Triton 3.6) the multi-row kernels returned wrong sums for some
+#: inputs (errors 1e-2..4e-1, single rows always exact), and were slower than dense anyway.
+#: The union is now formed without any cross-row reduction, the suspected cause, which passes
+#: the interpreter tests but has not yet been run on a GPU: turn these on only after
+#: `python -m actsparse.bench.kernels --checks` reports every case within tolerance.
+FEW_ROWS_PATH_ENABLED = False  # 2..4 rows
+DOT_PATH_ENABLED = False  # 5..16 rows
+
+
+def rows_pad(m: int) -> int:
+    """Rows the kernel is specialised for: 1, 2 and 4 (FMA paths) or 16 (tl.dot path)."""
+    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+
+
+def batch_path_enabled(m: int) -> bool:
+    p = rows_pad(m)
+    return p == 1 or (FEW_ROWS_PATH_ENABLED if p <= 4 else DOT_PATH_ENABLED)
+#: Used in the interpreter (no autotuning there) unless a test passes its own.
+INTERPRET_CONFIG = dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles are much larger than the problem (pure waste)."""
+    k, n = named_args["K"], named_args["N_TOTAL"]
+    keep = [c for c in configs if c.kwargs["CHUNK"] <= max(2 * k, 128) and c.kwargs["BLOCK_N"] <= max(2 * n, 64)]
+    return keep or configs[:1]
+
+
+_TUNERS: dict[int, object] = {}
+
+
+def _tuned_kernel(m_pad: int):
+    if m_pad not in _TUNERS:
+        configs = CONFIGS_M1 if m_pad == 1 else CONFIGS_FEW if m_pad <= 4 else CONFIGS_DOT
+        key = ["K", "N_TOTAL", "N0", "NUM_OUT", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY"]
+        _TUNERS[m_pad] = rt.autotune(configs, key, prune=_prune)(_sparse_linear_kernel)
+    return _TUNERS[m_pad]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher, reference, dense fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def launch_sparse_linear(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    thresholds: Sequence[float],
+    row_scale: Optional[torch.Tensor] = None,
+    sparsity_hint: Optional[float] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    config: Optional[dict] = None,
+) -> list[torch.Tensor]:
+    """Always the Triton kernel (no dense fallback). `config` pins a config (tests, interpreter)."""
+    assert x.dim() == 2, "x must be [M, K]"
+    num_out = len(weights)
+    assert 1 <= num_out <= MAX_OUTPUTS and len(biases) == num_out and len(thresholds) == num_out
+    M, K = x.shape
+    assert 1 <= M <= rt.MAX_ROWS, f"the sparse kernel takes 1..{rt.MAX_ROWS} rows, got {M}"
+    dev = x.device
+    w_dtype = weights[0].dtype
+    for w in weights:
+        assert w.dim() == 2 and w.shape[1] == K and w.dtype == w_dtype and w.device == dev
+    out_dtype = out_dtype or x.dtype
+    ns = [int(w.shape[0]) for w in weights]
+    n_total = sum(ns)
+    outs = [torch.empty((M, n), dtype=out_dtype, device=dev) for n in ns]
+
+    bs = []
+    for b, w in zip(biases, weights):
+        if b is not None and (b.dtype != w_dtype or not b.is_contiguous()):
+            b = b.to(w_dtype).contiguous()
+        bs.append(b)
+    dummy_w = weights[0]
+    pad = lambda seq, fill: list(seq) + [fill] * (MAX_OUTPUTS - len(seq))  # noqa: E731
+    W = pad(weights, dummy_w)
+    B = pad([b if b is not None else dummy_w for b in bs], dummy_w)
+    Y = pad(outs, outs[0])
+    T = pad([float(t) for t in thresholds], 0.0)
+    N = pad(ns, 0)
+    strides = []
+    for w in W:
+        strides += [w.stride(0), w.stride(1)]
+
+    rs = row_scale
+    if rs is not None:
+        rs = rs.reshape(-1)
+        if rs.dtype != torch.float32 or not rs.is_contiguous():
+            rs = rs.to(torch.float32).contiguous()
+        assert rs.numel() == M
+
+    m_pad = rows_pad(M)
+    ws = rt.zeroed_buffer("ws", M * n_total, torch.float32, dev)
+    cnt = rt.zeroed_buffer("cnt", sum(triton.cdiv(n, MIN_BLOCK_N) for n in ns), torch.int32, dev)
+    scr = rt.scratch_buffer("idx", num_out * K, torch.int32, dev)
+
+    args = [x, rs if rs is not None else ws, ws, cnt, scr, *W, *B, *Y, *T, *N, *strides,
+            x.stride(0), x.stride(1), M, K, n_total,
+            rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(dev)]
+    meta = dict(NUM_OUT=num_out,
+                HAS_B0=bs[0] is not None,
+                HAS_B1=num_out > 1 and bs[1] is not None,
+                HAS_B2=num_out > 2 and bs[2] is not None,
+                HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_dtype))
+
+    def grid(meta_):
+        bn = meta_["BLOCK_N"]
+        return (sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(K, meta_["CHUNK"]))
+
+    if config is None and rt.interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        cfg = dict(config)
+        assert cfg["BLOCK_N"] >= MIN_BLOCK_N
+        _sparse_linear_kernel[grid({**meta, **cfg})](*args, **meta, **cfg)
+    else:
+        _tuned_kernel(m_pad)[grid](*args, **meta)
+    return outs
+
+
+def masked_input(x: torch.Tensor, threshold: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x where |x| > threshold * row_scale[m] (compared in fp32), else 0; in x's dtype."""
+    # fp32 tensor vs Python float compares in fp32, like the kernel; no host-to-device copy, so
+    # this is safe inside CUDA graph capture
+    cutoff = float(threshold)
+    if row_scale is not None:
+        cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
+    return torch.where(x.abs().to(torch.float32) > cutoff, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def dense_sparse_linear(x, weights, biases, thresholds, row_scale=None) -> list[torch.Tensor]:
+    """The dense fallback: `F.linear` on the masked input, same weight storage (any layout)."""
+    return [F.linear(masked_input(x, t, row_scale), w, b) for w, b, t in zip(weights, biases, thresholds)]
+
+
+def sparse_linear_reference(x, weights, biases, thresholds, row_scale=None, sparsity_hint=None) -> list[torch.Tensor]:
+    """Pure-torch reference: mask and multiply in fp32, cast to x's dtype at the end."""
+    xf = x.to(torch.float32)
+    outs = []
+    for w, b, t in zip(weights, biases, thresholds):
+        y = masked_input(xf, t, row_scale) @ w.to(torch.float32).t()
+        if b is not None:
+            y = y + b.to(torch.float32)
+        outs.append(y.to(x.dtype))
+    return outs

@@ -1,0 +1,234 @@
+"""Triton kernels against their pure-torch references, in Triton's CPU interpreter.
+
+Small and odd shapes (tails in every dimension, several K chunks so the split-K reduction and
+its self-cleaning workspace are exercised), all three dtypes, batch 1..16, masks from dense to
+all-zero, per-row scales, 1 and 3 outputs, biases, row-major and input-major weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from actsparse.kernels import triton as tk  # noqa: E402
+from actsparse.kernels.triton import gated_mlp as gm  # noqa: E402
+from actsparse.kernels.triton import sparse_gemv as sg  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="these tests run the Triton interpreter on CPU tensors")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+CONFIGS = [  # interpreter-sized versions of both kernel paths
+    dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4),
+    dict(COMPACT=False, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4),
+    dict(COMPACT=True, CHUNK=16, BLOCK_K=16, BLOCK_N=16, num_warps=4),
+    dict(COMPACT=True, CHUNK=128, BLOCK_K=32, BLOCK_N=64, num_warps=4),  # one chunk, one block
+]
+
+
+def assert_close(out, ref, dtype):
+    """Outputs are fp32 sums rounded to dtype: allow a couple of ulps of the largest value."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    scale = float(ref.float().abs().max()) + 1e-6
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * EPS[dtype], atol=2 * EPS[dtype] * scale)
+
+
+def weight(n, k, dtype, input_major, g):
+    w = torch.randn(n, k, generator=g).to(dtype) / 4
+    return w.t().contiguous().t() if input_major else w
+
+
+def threshold_for(x, sparsity):
+    """A threshold that zeroes about `sparsity` of x (-1: keep all, inf-like: drop all)."""
+    if sparsity <= 0:
+        return -1.0
+    if sparsity >= 1:
+        return 1e30
+    return float(torch.quantile(x.abs().float().flatten(), sparsity))
+
+
+def run_case(M, K, ns, dtype, seed, sparsity=0.5, input_major=True, bias=True, row_scale=False, config=None,
+             dead_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    for r in dead_rows:
+        x[r] = 0
+    ws = [weight(n, K, dtype, input_major if i % 2 == 0 else not input_major, g) for i, n in enumerate(ns)]
+    bs = [(torch.randn(n, generator=g).to(dtype) if bias and i != 1 else None) for i, n in enumerate(ns)]
+    ths = [threshold_for(x, sparsity) * (1 + 0.1 * i) for i in range(len(ns))]
+    rs = (torch.rand(M, generator=g) + 0.5) if row_scale else None
+    if config is not None and M > 1 and not config["COMPACT"]:
+        config = dict(config, COMPACT=True)  # the predicated path is for single rows
+    out = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=config)
+    ref = sg.sparse_linear_reference(x, ws, bs, ths, rs)
+    for o, r in zip(out, ref):
+        assert_close(o, r, dtype)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 16])
+def test_sparse_linear_grid(dtype, M):
+    # rotate the other parameters through the grid so every combination of each pair shows up
+    i = DTYPES.index(dtype) * 7 + M
+    run_case(M, 40 if i % 2 else 72, [24] if i % 3 else [56, 24, 8], dtype, seed=i,
+             sparsity=[0.0, 0.5, 0.9][i % 3], input_major=i % 4 != 0, bias=i % 2 == 0,
+             row_scale=i % 5 < 3, config=CONFIGS[i % len(CONFIGS)])
+
+
+@SETTINGS
+@given(M=st.integers(1, 16), K=st.sampled_from([40, 72, 17]), n0=st.sampled_from([24, 56, 8]),
+       num_out=st.integers(1, 3), dtype=st.sampled_from(DTYPES), sparsity=st.sampled_from([0.0, 0.3, 0.7, 0.95, 1.0]),
+       input_major=st.booleans(), bias=st.booleans(), row_scale=st.booleans(),
+       config=st.sampled_from(range(len(CONFIGS))), seed=st.integers(0, 2**16))
+def test_sparse_linear_random(M, K, n0, num_out, dtype, sparsity, input_major, bias, row_scale, config, seed):
+    ns = [n0, 24, 40][:num_out]
+    run_case(M, K, ns, dtype, seed, sparsity, input_major, bias, row_scale, CONFIGS[config])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"compact{int(c['COMPACT'])}-chunk{c['CHUNK']}")
+def test_all_zero_mask_gives_bias(config):
+    out, _ = run_case(5, 40, [24, 8], torch.float32, seed=1, sparsity=1.0, bias=True, config=config)
+    assert torch.count_nonzero(out[1]) == 0  # no bias on the second output
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_without_and_with_all_channels(dtype):
+    # rows 0 and 3 are all zero (no active channel), the rest fully active (threshold -1)
+    run_case(5, 72, [56], dtype, seed=3, sparsity=0.0, dead_rows=(0, 3), row_scale=True)
+    run_case(5, 72, [56], dtype, seed=4, sparsity=0.6, dead_rows=(1,), row_scale=False)
+
+
+def test_row_scale_per_row_cutoff():
+    """A huge scale on one row empties that row only."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=g)
+    w = weight(24, 40, torch.float32, True, g)
+    rs = torch.tensor([1.0, 1e9, 0.5])
+    (out,) = sg.launch_sparse_linear(x, [w], [None], [0.5], rs)
+    (ref,) = sg.sparse_linear_reference(x, [w], [None], [0.5], rs)
+    assert_close(out, ref, torch.float32)
+    assert torch.count_nonzero(out[1]) == 0
+
+
+def test_repeated_calls_leave_workspace_clean():
+    """The last program of each block re-zeroes the shared workspace: calls do not leak."""
+    a = run_case(4, 72, [56, 24], torch.float32, seed=6, config=CONFIGS[2])[0]
+    run_case(16, 40, [8], torch.bfloat16, seed=7, config=CONFIGS[0])
+    b = run_case(4, 72, [56, 24], torch.float32, seed=6, config=CONFIGS[2])[0]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_strided_input_and_fp32_row_scale_cast():
+    g = torch.Generator().manual_seed(8)
+    xbig = torch.randn(3, 80, generator=g, dtype=torch.float16)
+    x = xbig[:, ::2]  # non-contiguous
+    w = weight(24, 40, torch.float16, False, g)
+    rs = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float16)
+    (out,) = sg.launch_sparse_linear(x, [w], [None], [0.7], rs)
+    (ref,) = sg.sparse_linear_reference(x, [w], [None], [0.7], rs)
+    assert_close(out, ref, torch.float16)
+
+
+@pytest.mark.parametrize("M,hint", [(16, 0.3), (1, 0.5), (20, 0.9)])
+def test_public_wrapper_dense_and_sparse_paths(M, hint):
+    """`sparse_linear` picks the kernel or the dense fallback; both compute the same function."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(M, 72, generator=g)
+    ws = [weight(56, 72, torch.float32, True, g), weight(24, 72, torch.float32, True, g)]
+    bs = [torch.randn(56, generator=g), None]
+    out = tk.sparse_linear(x, ws, bs, [0.4, 0.8], None, sparsity_hint=hint)
+    ref = sg.sparse_linear_reference(x, ws, bs, [0.4, 0.8])
+    for o, r in zip(out, ref):
+        assert_close(o, r, torch.float32)
+
+
+def test_is_available_under_interpreter():
+    assert tk.is_available()
+
+
+def test_predicated_path_rejects_batches():
+    x = torch.randn(2, 40)
+    w = torch.randn(24, 40)
+    with pytest.raises(Exception):
+        sg.launch_sparse_linear(x, [w], [None], [0.5], config=dict(CONFIGS[1]))
+
+
+# ---------------------------------------------------------------- CATS gated MLP
+
+
+def cats_case(M, dtype, act, seed, sparsity=0.5, up_row_major=True, down_input_major=True, d=72, f=88):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, d, generator=g).to(dtype)
+    wg = weight(f, d, dtype, False, g)
+    wu = weight(f, d, dtype, not up_row_major, g)
+    wd = weight(d, f, dtype, down_input_major, g)
+    gate = gm._act_torch(x.float() @ wg.float().t(), act).abs().flatten().sort().values
+    # halfway between two gate values: no value sits on the threshold, so a gate rounded to
+    # the model dtype (the dense fallback computes it there) cannot flip sides easily
+    i = min(int(sparsity * gate.numel()), gate.numel() - 2)
+    thr = -1.0 if sparsity <= 0 else (1e30 if sparsity >= 1 else float(gate[i] + gate[i + 1]) / 2)
+    out = gm.launch_gated_mlp_cats(x, wg, wu, wd, act, thr)  # the kernels, whatever the wrapper picks
+    ref = tk.gated_mlp_cats_reference(x, wg, wu, wd, act, thr)
+    assert out.dtype == dtype and out.shape == (M, d)
+    # the down projection may round h to the weight dtype (tensor-core path): compare by norm
+    err = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+    assert err < 4 * EPS[dtype], err
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_cats_grid(dtype, M):
+    i = DTYPES.index(dtype) * 3 + [1, 3, 16].index(M)
+    cats_case(M, dtype, gm.ACTIVATIONS[i % 4], seed=i, sparsity=[0.0, 0.5, 0.9][i % 3],
+              up_row_major=i % 2 == 0, down_input_major=i % 4 != 1)
+
+
+@pytest.mark.parametrize("act", gm.ACTIVATIONS)
+def test_cats_activations(act):
+    cats_case(2, torch.float32, act, seed=11, sparsity=0.6)
+
+
+@pytest.mark.parametrize("M", [1, 16, 20])
+def test_cats_public_wrapper(M):
+    """`gated_mlp_cats` (kernel at M=1; dense fallback for batches while their path is off, and
+    past 16 rows) computes the reference function; fp32 so the fallback's gate is exact too."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(M, 72, generator=g)
+    wg, wu = weight(88, 72, torch.float32, False, g), weight(88, 72, torch.float32, False, g)
+    wd = weight(72, 88, torch.float32, True, g)
+    out = tk.gated_mlp_cats(x, wg, wu, wd, "silu", 0.25, sparsity_hint=0.5)
+    ref = tk.gated_mlp_cats_reference(x, wg, wu, wd, "silu", 0.25)
+    assert_close(out, ref, torch.float32)
+
+
+def test_cats_all_masked_is_zero():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 72, generator=g)
+    w = [weight(88, 72, torch.float32, False, g) for _ in range(2)] + [weight(72, 88, torch.float32, True, g)]
+    out = gm.launch_gated_mlp_cats(x, *w, "silu", 1e30)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_cats_gate_up_h_matches():
+    """The fused gate/up kernel writes h = mask * act(g) * u in fp32."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(5, 40, generator=g)
+    wg, wu = weight(24, 40, torch.float32, False, g), weight(24, 40, torch.float32, False, g)
+    h = gm.launch_gate_up(x, wg, wu, "gelu_tanh", 0.2, config=dict(BLOCK_F=16, BLOCK_K=16, num_warps=4))
+    gate = gm._act_torch(x @ wg.t(), "gelu_tanh")
+    ref = torch.where(gate.abs() > 0.2, gate * (x @ wu.t()), 0.0)
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
