@@ -156,7 +156,9 @@ class SparsityPlan:
         return set(self.thresholds) | set(self.activation_thresholds)
 
     def validate(self, model: torch.nn.Module) -> None:
-        """Raise PlanError naming what does not fit: unknown modules, another model."""
+        """Raise PlanError naming what does not fit: another model, unknown modules."""
+        if self.model is not None:
+            self.check_fingerprint(fingerprint(model))
         shapes = linear_weights(model)
         missing = sorted(n for n in self.rule_names() if n not in shapes)
         if missing:
@@ -169,8 +171,6 @@ class SparsityPlan:
             if not_linear:
                 parts.append(f"modules that are not linear layers: {_short(not_linear)}")
             raise PlanError("plan names " + "; ".join(parts))
-        if self.model is not None:
-            self.check_fingerprint(fingerprint(model))
 
     def check_fingerprint(self, other: Mapping[str, Any]) -> None:
         """Raise PlanError if ``other`` (a fingerprint) is not the model this plan was made for."""
