@@ -1,0 +1,118 @@
+"""CETT: MLP thresholds chosen by output error, not by sparsity ("ReLU^2 Wins", ProSparse).
+
+A neuron's contribution to the MLP output is ``n_i = a_i * W_down[:, i]`` (``a`` the down
+projection's input). Masking ``|act(gate)| <= e`` drops the neurons below ``e``; CETT is
+``||sum of dropped n_i|| / ||MLP output||`` per token, averaged over tokens. Each MLP gets the
+largest ``e`` whose CETT stays within the budget, so layers that tolerate more get sparser.
+
+Per sampled token the neurons are sorted by |act| once and the norms of the prefix sums of
+their contributions are kept: the CETT of any threshold is then a lookup (searchsorted), so
+the budget search and the budget-for-a-target-sparsity search cost no further model runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .histogram import LogHistogram
+
+GRID = 1001  # candidate thresholds per MLP: quantiles of |act| in steps of 0.1%
+
+
+class CettSample:
+    """Sorted |act| and prefix-sum norms of dropped contributions for up to ``limit`` tokens."""
+
+    def __init__(self, limit: int = 256, chunk: int = 4) -> None:
+        self.limit, self.chunk = int(limit), chunk
+        self.seen = 0
+        self.a_sorted: list[torch.Tensor] = []  # [r, I] ascending |act|
+        self.prefix: list[torch.Tensor] = []  # [r, I + 1] ||sum of the k smallest n_i||, k = 0..I
+        self.out_norm: list[torch.Tensor] = []  # [r]
+        self._grid: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(x.shape[0] for x in self.a_sorted)
+
+    def add(self, a: torch.Tensor, h: torch.Tensor, y: torch.Tensor, w_in_out: torch.Tensor,
+            stride: int = 1) -> None:
+        """Add every ``stride``-th token: ``a`` mask scores, ``h`` down input, ``y`` MLP output
+        (all ``[tokens, .]``), ``w_in_out`` the down weight as ``[in, out]``."""
+        n = a.shape[0]
+        idx = torch.arange(n)
+        take = idx[(idx + self.seen) % stride == 0][: max(0, self.limit - self.rows)]
+        self.seen += n
+        if take.numel() == 0:
+            return
+        a, h, y = a[take].float().abs(), h[take].float(), y[take].float()
+        w = w_in_out.float()
+        for s in range(0, a.shape[0], self.chunk):
+            ac, hc = a[s : s + self.chunk], h[s : s + self.chunk]
+            order = ac.argsort(dim=1)
+            contrib = w[order] * hc.gather(1, order).unsqueeze(-1)  # [r, I, out]
+            norms = contrib.cumsum_(dim=1).norm(dim=-1)
+            self.prefix.append(torch.cat([torch.zeros(norms.shape[0], 1), norms], dim=1))
+            self.a_sorted.append(ac.gather(1, order))
+        self.out_norm.append(y.norm(dim=-1).clamp_min(1e-12))
+        self._grid = None
+
+    def error(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """Mean CETT over the sampled tokens for each threshold in ``thresholds`` (1-D)."""
+        a = torch.cat(self.a_sorted)
+        r = torch.cat(self.prefix)
+        y = torch.cat(self.out_norm)
+        e = thresholds.float().reshape(1, -1).expand(a.shape[0], -1).contiguous()
+        dropped = torch.searchsorted(a.contiguous(), e, right=True)  # how many |a| <= e
+        return (r.gather(1, dropped) / y.unsqueeze(1)).mean(0)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate thresholds (0 then quantiles of the sampled |act|) and their CETT."""
+        if self._grid is None:
+            if not self.a_sorted:
+                raise ValueError("no CETT samples: no calibration token reached this MLP")
+            a = torch.cat(self.a_sorted).reshape(-1)
+            if a.numel() > 8_000_000:
+                a = a[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(0))[:8_000_000]]
+            cand = torch.quantile(a, torch.linspace(0, 1, GRID)).clone()
+            cand[0] = 0.0
+            cand = torch.cummax(cand, 0).values
+            self._grid = (cand, self.error(cand))
+        return self._grid
+
+    def threshold(self, budget: float) -> tuple[float, float]:
+        """The largest candidate threshold whose CETT, and that of every smaller one, is within
+        ``budget``; returns (threshold, its CETT)."""
+        cand, err = self.grid()
+        over = (err > budget).nonzero()
+        k = int(over[0]) - 1 if over.numel() else len(cand) - 1
+        k = max(k, 0)
+        return float(cand[k]), float(err[k])
+
+
+def cett_thresholds(samples: dict[str, CettSample], budget: float) -> dict[str, tuple[float, float]]:
+    """Per MLP (keyed by its down projection): (threshold, CETT on the sampled tokens)."""
+    return {name: s.threshold(budget) for name, s in samples.items()}
+
+
+def budget_for_sparsity(samples: dict[str, CettSample], hists: dict[str, LogHistogram],
+                        weights: dict[str, float], target: float, iters: int = 40) -> float:
+    """The smallest error budget whose thresholds reach ``target`` neuron sparsity, averaged over
+    MLPs with ``weights`` (their up + down parameter counts), measured by the |act| histograms.
+
+    Sparsity is non-decreasing in the budget (each MLP's threshold is), so bisection finds it.
+    """
+    def sparsity(b: float) -> float:
+        th = cett_thresholds(samples, b)
+        tot = sum(weights.values())
+        return sum(weights[n] * hists[n].cdf(th[n][0]) for n in samples) / tot
+
+    lo, hi = 0.0, 1.0
+    while sparsity(hi) < target and hi < 64:
+        hi *= 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if sparsity(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
