@@ -22,8 +22,8 @@ GRID = 1001  # candidate thresholds per MLP: quantiles of |act| in steps of 0.1%
 class CettSample:
     """Sorted |act| and prefix-sum norms of dropped contributions for up to ``limit`` tokens."""
 
-    def __init__(self, limit: int = 256, chunk: int = 4) -> None:
-        self.limit, self.chunk = int(limit), chunk
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = int(limit)
         self.seen = 0
         self.a_sorted: list[torch.Tensor] = []  # [r, I] ascending |act|
         self.prefix: list[torch.Tensor] = []  # [r, I + 1] ||sum of the k smallest n_i||, k = 0..I
@@ -45,14 +45,18 @@ class CettSample:
         if take.numel() == 0:
             return
         a, h, y = a[take].float().abs(), h[take].float(), y[take].float()
-        w = w_in_out.float()
-        for s in range(0, a.shape[0], self.chunk):
-            ac, hc = a[s : s + self.chunk], h[s : s + self.chunk]
-            order = ac.argsort(dim=1)
-            contrib = w[order] * hc.gather(1, order).unsqueeze(-1)  # [r, I, out]
-            norms = contrib.cumsum_(dim=1).norm(dim=-1)
-            self.prefix.append(torch.cat([torch.zeros(norms.shape[0], 1), norms], dim=1))
-            self.a_sorted.append(ac.gather(1, order))
+        w = w_in_out.float().contiguous()
+        buf = torch.empty_like(w)  # one token's contributions, reused: stays in cache
+        order = a.argsort(dim=1)
+        norms = torch.empty(a.shape[0], a.shape[1] + 1)
+        norms[:, 0] = 0.0
+        for r in range(a.shape[0]):
+            torch.index_select(w, 0, order[r], out=buf)
+            buf.mul_(h[r, order[r]].unsqueeze(-1))
+            torch.cumsum(buf, 0, out=buf)
+            norms[r, 1:] = torch.linalg.vector_norm(buf, dim=-1)
+        self.prefix.append(norms)
+        self.a_sorted.append(a.gather(1, order))
         self.out_norm.append(y.norm(dim=-1).clamp_min(1e-12))
         self._grid = None
 

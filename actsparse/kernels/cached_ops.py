@@ -2,9 +2,9 @@
 
 The CPU decode path of the backend. One :class:`WeightRowCache` per site lives in a Python-side
 registry keyed by ``site_id``; the op is opaque to torch.compile (a ``torch.library`` op with a
-fake implementation), so it is never traced into and mutating the registry inside it is safe. Because
-the op is declared functional, Inductor may drop a call whose result is unused; that only skips
-one cache step, and the next step still returns the exact rows for its mask.
+fake implementation), so it is never traced into and mutating the registry inside it is safe.
+Because the op is declared functional, Inductor may drop a call whose result is unused; that
+only skips one cache step, and the next step still returns the exact rows for its mask.
 
 Per call, with x ``[..., K]`` flattened to ``[M, K]`` and keep = ``|x| > threshold``:
 
@@ -14,9 +14,10 @@ Per call, with x ``[..., K]`` flattened to ``[M, K]`` and keep = ``|x| > thresho
   values (exact per sequence), and multiply over the compact buffer prefix.
 
 Memory per site: the prepared input-major copy ``weight.t().contiguous()`` (K*N*itemsize, the
-same as the weight) plus the cache buffer (capacity*N*itemsize, capacity = K) plus a staging
-buffer of capacity/8 rows; see :func:`registry_nbytes`. The copy is kept because row gathers from
-the strided ``weight.t()`` view are >10x slower on CPU (bench/index_step.py measures both).
+same as the weight) plus the cache buffer (capacity*N*itemsize, capacity = CAPACITY_FRACTION*K)
+plus a staging buffer of max(64, capacity/8) rows: about 2.1x the weight at the defaults; see
+:func:`registry_nbytes`. The copy is kept because row gathers from the strided ``weight.t()``
+view are 2-15x slower on CPU (12x at Llama-3.2-3B down_proj; bench/index_step.py measures both).
 """
 
 from __future__ import annotations

@@ -405,3 +405,16 @@ def sparse_linear_reference(x, weights, biases, thresholds, row_scale=None, spar
             y = y + b.to(torch.float32)
         outs.append(y.to(x.dtype))
     return outs
+
+
+def reserve_buffers(device: torch.device, k: int, ns: Sequence[int], max_rows: int = 16) -> None:
+    """Allocate the cached workspace a site needs, ahead of time and outside any graph pool.
+
+    CUDA-graph trees run their warm-up inside a private memory pool; a cached buffer first
+    allocated there would stay alive in the pool without being a graph output, which the
+    trees reject. The backend calls this at compile time for every masked site.
+    """
+    n_total = int(sum(ns))
+    rt.zeroed_buffer("ws", max_rows * n_total, torch.float32, device)
+    rt.zeroed_buffer("cnt", sum(triton.cdiv(int(n), MIN_BLOCK_N) for n in ns), torch.int32, device)
+    rt.scratch_buffer("idx", len(ns) * int(k), torch.int32, device)

@@ -1,0 +1,182 @@
+"""TEAL's greedy allocation: per block, give sparsity to the linears where it hurts least.
+
+Inside each decoder block, starting from dense, repeatedly raise the sparsity of the one
+linear layer whose step costs the least block-output error, until the block's
+parameter-weighted sparsity reaches the target (TEAL ``greedyopt.py``). Steps are weighted by
+parameter count (a layer with fewer weights takes a larger step in its own sparsity, so each
+step buys about the same parameter-weighted sparsity); small layers' steps are capped, so
+candidates are compared by error increase per unit of parameter-weighted sparsity gained.
+
+The error is ``mean over tokens of ||block(x) - dense block(x)||_2`` on a few calibration
+sequences, with the dense model's block inputs (captured once). Thresholds for a sparsity
+come from the dense model's |x| histograms, as in TEAL. The path does not depend on the
+target, so it is run once up to the largest target and any target reads its point off it.
+
+Speed (CPU): candidates are evaluated lazily, as in lazy greedy for submodular objectives: a
+candidate's cost measured under an earlier configuration is kept as an estimate and only the
+cheapest one is re-measured; it is taken once its cost is current. That needs two to three
+block evaluations per step instead of one per linear layer.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from .histogram import Statistics, _no_cache
+from .sites import SiteRecord, block_module, blocks
+
+
+@dataclass
+class GreedyPath:
+    """One block's greedy path: after each step, the block sparsity and each unit's sparsity."""
+
+    block: int | None
+    units: list[str]
+    groups: list[str]
+    params: list[int]
+    points: list[tuple[float, list[float], float]] = field(default_factory=list)  # (f, s, err)
+    evaluations: int = 0
+
+    def at(self, target: float) -> list[float]:
+        """Per-unit sparsities at the first point reaching ``target`` (the last one if none)."""
+        for f, s, _ in self.points:
+            if f >= target - 1e-9:
+                return s
+        return self.points[-1][1]
+
+
+def _capture_block_inputs(model, names: list[str], batches: list[torch.Tensor]) -> dict[str, list]:
+    """The dense model's (args, kwargs) at each block's input, for every calibration batch."""
+    mods = dict(model.named_modules())
+    seen: dict[str, list] = {n: [] for n in names}
+    handles = []
+
+    def hook(name):
+        def pre(mod, args, kwargs):
+            seen[name].append((args, dict(kwargs)))
+        return pre
+
+    for n in names:
+        handles.append(mods[n].register_forward_pre_hook(hook(n), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                model(input_ids=ids.to(next(model.parameters()).device), **_no_cache(model))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def greedy_paths(model: torch.nn.Module, sites: list[SiteRecord], stats: Statistics,
+                 batches: list[torch.Tensor], *, max_target: float, step: float = 0.02,
+                 max_unit_step: float = 0.1, max_unit_sparsity: float = 0.99,
+                 progress: bool = False) -> dict[int | None, GreedyPath]:
+    """Run the greedy allocation of every block up to ``max_target`` block sparsity.
+
+    ``step`` is the sparsity step of the block's largest linear; the others step by
+    ``step * P_largest / P`` (parameter weighting), capped at ``max_unit_step``.
+    """
+    by_block = blocks(sites)
+    names = {}
+    for b, members in by_block.items():
+        name = block_module(model, members)
+        if name is None:
+            raise ValueError(f"teal-greedy: cannot find the decoder block module of "
+                             f"{members[0].module} (block {b}); use method='teal'")
+        names[b] = name
+    inputs = _capture_block_inputs(model, list(names.values()), batches)
+    mods = dict(model.named_modules())
+    paths: dict[int | None, GreedyPath] = {}
+    from tqdm.auto import tqdm
+
+    for b in tqdm(list(by_block), desc="greedy allocation", disable=not progress, leave=False):
+        members = by_block[b]
+        path = GreedyPath(block=b, units=[s.module for s in members], groups=[s.group for s in members],
+                          params=[s.params for s in members])
+        paths[b] = path
+        _run_block(path, mods[names[b]], [mods[u] for u in path.units], inputs[names[b]], stats,
+                   max_target=max_target, step=step, max_unit_step=max_unit_step,
+                   max_unit_sparsity=max_unit_sparsity)
+    return paths
+
+
+def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.nn.Module],
+               inputs: list, stats: Statistics, *, max_target: float, step: float,
+               max_unit_step: float, max_unit_sparsity: float) -> None:
+    n = len(path.units)
+    p = [float(x) for x in path.params]
+    total = sum(p)
+    dstep = [min(max_unit_step, step * max(p) / pi) for pi in p]
+    thresholds = [0.0] * n
+    quantiles: dict[tuple[str, float], float] = {}
+
+    def t_of(i: int, s: float) -> float:
+        key = (path.groups[i], round(s, 9))
+        if key not in quantiles:
+            quantiles[key] = 0.0 if s <= 0 else stats.abs[path.groups[i]].quantile(min(s, 1.0))
+        return quantiles[key]
+
+    def mask_hook(i: int):
+        def pre(mod, args):
+            t = thresholds[i]
+            if t <= 0:
+                return None
+            x = args[0]
+            return (torch.where(x.abs().float() > t, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
+        return pre
+
+    handles = [m.register_forward_pre_hook(mask_hook(i)) for i, m in enumerate(unit_mods)]
+    try:
+        with torch.inference_mode():
+            dense = [_first(block(*a, **k)).float() for a, k in inputs]
+
+            def error(s: list[float]) -> float:
+                path.evaluations += 1
+                for i in range(n):
+                    thresholds[i] = t_of(i, s[i])
+                err, count = 0.0, 0
+                for (a, k), ref in zip(inputs, dense):
+                    diff = _first(block(*a, **k)).float() - ref
+                    norms = diff.reshape(-1, diff.shape[-1]).norm(dim=-1)
+                    err += float(norms.sum())
+                    count += norms.numel()
+                return err / count
+
+            s = [0.0] * n
+            f, cur, version = 0.0, 0.0, 0
+            path.points.append((0.0, list(s), 0.0))
+            heap: list[tuple[float, int, int, float]] = []  # (cost per gain, unit, version, error)
+
+            def push(i: int) -> None:
+                nxt = min(max_unit_sparsity, s[i] + dstep[i])
+                if nxt <= s[i] + 1e-12:
+                    return  # this unit is at its cap
+                cand = list(s)
+                cand[i] = nxt
+                err = error(cand)
+                heapq.heappush(heap, ((err - cur) / ((nxt - s[i]) * p[i] / total), i, version, err))
+
+            for i in range(n):
+                push(i)
+            while f < max_target - 1e-9 and heap:
+                _, i, ver, err = heapq.heappop(heap)
+                if ver != version:  # measured under an older configuration: re-measure
+                    push(i)
+                    continue
+                s[i] = min(max_unit_sparsity, s[i] + dstep[i])
+                f = sum(a * b for a, b in zip(s, p)) / total
+                cur = err
+                version += 1
+                path.points.append((f, list(s), cur))
+                push(i)  # the other entries are now stale and re-measured when popped
+    finally:
+        for h in handles:
+            h.remove()

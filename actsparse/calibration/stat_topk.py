@@ -1,0 +1,23 @@
+"""Statistical top-k: no calibration, a per-token cutoff rms(x) * Phi^-1((1 + s) / 2).
+
+The plan is ``SparsityPlan.statistical``; calibration data only measures the sparsity it
+really gives, which departs from the target where site inputs are not Gaussian.
+"""
+
+from __future__ import annotations
+
+from ..plan import StatTopK
+from .histogram import Statistics
+from .sites import SiteRecord, groups
+
+
+def stat_topk_measured(sites: list[SiteRecord], stats: Statistics, rule: StatTopK) -> dict[str, float]:
+    """Sparsity per masked linear: the fraction of |x| / rms(x) at or below the multiplier."""
+    measured = {}
+    z = rule.multiplier if rule.sparsity > 0 else 0.0
+    for group, members in groups(sites).items():
+        frac = stats.rel[group].cdf(z)
+        for s in members:
+            if s.role in rule.roles:
+                measured[s.module] = frac
+    return measured

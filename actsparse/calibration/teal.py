@@ -1,0 +1,22 @@
+"""TEAL, uniform: every linear input gets the |x| quantile at the target sparsity.
+
+Linears that share an input (q/k/v, gate/up) read one histogram, so they get one threshold.
+"""
+
+from __future__ import annotations
+
+from .histogram import Statistics
+from .sites import SiteRecord, groups
+
+
+def teal_rules(sites: list[SiteRecord], stats: Statistics,
+               sparsity: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(thresholds, measured sparsity on the calibration data) for every masked linear."""
+    thresholds, measured = {}, {}
+    for group, members in groups(sites).items():
+        hist = stats.abs[group]
+        t = hist.quantile(sparsity) if sparsity > 0 else 0.0
+        for s in members:
+            thresholds[s.module] = t
+            measured[s.module] = hist.cdf(t)
+    return thresholds, measured
