@@ -7,5 +7,12 @@
 from .compiler import backend, prepare
 from .plan import PlanError, SparsityPlan
 
-__all__ = ["SparsityPlan", "PlanError", "backend", "prepare"]
+__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate"]
+
+
+def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: float = 0.5, **kwargs):
+    """Make a SparsityPlan from calibration text: see ``actsparse.calibration.calibrate``."""
+    from .calibration import calibrate as _calibrate
+
+    return _calibrate(model, tokens_or_texts, method=method, sparsity=sparsity, **kwargs)
 __version__ = "0.1.0"

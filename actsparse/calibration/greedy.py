@@ -39,6 +39,7 @@ class GreedyPath:
     params: list[int]
     points: list[tuple[float, list[float], float]] = field(default_factory=list)  # (f, s, err)
     evaluations: int = 0
+    out_norm: float = 0.0  # mean ||dense block output|| per token: the scale errors compare to
 
     def at(self, target: float) -> list[float]:
         """Per-unit sparsities at the first point reaching ``target`` (the last one if none)."""
@@ -137,6 +138,7 @@ def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.n
     try:
         with torch.inference_mode():
             dense = [_first(block(*a, **k)).float() for a, k in inputs]
+            path.out_norm = float(torch.cat([d.reshape(-1, d.shape[-1]).norm(dim=-1) for d in dense]).mean())
 
             def error(s: list[float]) -> float:
                 path.evaluations += 1
