@@ -27,9 +27,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate(model, ids, n: int, compile_config=None):
+def _generate(model, ids, n: int, compile_config=None, cache_len: int | None = None):
+    """Greedy generate with a static cache of a fixed length, so every call (n new tokens or
+    one) sees the same shapes and reuses the compiled graphs."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cache_len or ids.shape[1] + n + 1)
     kw: dict[str, Any] = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              cache_implementation="static")
+                              past_key_values=cache)
     if compile_config is not None:
         kw["compile_config"] = compile_config
     return model.generate(ids, **kw)
@@ -39,17 +44,18 @@ def time_decode(model, ids: torch.Tensor, new_tokens: int, repeats: int = 3,
                 compile_config=None) -> dict[str, float]:
     """Median decode tokens/s over ``repeats`` runs, after one warm-up run (compilation)."""
     device = ids.device
+    L = ids.shape[1] + new_tokens + 2
     with torch.no_grad():
-        _generate(model, ids, new_tokens, compile_config)
-        _generate(model, ids, 1, compile_config)
+        _generate(model, ids, new_tokens, compile_config, L)
+        _generate(model, ids, 1, compile_config, L)
         rates, outs = [], None
         for _ in range(repeats):
             _sync(device)
             t0 = time.perf_counter()
-            outs = _generate(model, ids, new_tokens + 1, compile_config)
+            outs = _generate(model, ids, new_tokens + 1, compile_config, L)
             _sync(device)
             t1 = time.perf_counter()
-            _generate(model, ids, 1, compile_config)
+            _generate(model, ids, 1, compile_config, L)
             _sync(device)
             t2 = time.perf_counter()
             decode = (t1 - t0) - (t2 - t1)
