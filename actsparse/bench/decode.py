@@ -27,12 +27,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_CACHES: dict[tuple[int, int, int], Any] = {}
+
+
 def _generate(model, ids, n: int, compile_config=None, cache_len: int | None = None):
-    """Greedy generate with a static cache of a fixed length, so every call (n new tokens or
-    one) sees the same shapes and reuses the compiled graphs."""
+    """Greedy generate with one static cache of a fixed length, reset between calls.
+
+    Every call (n new tokens or one) then sees the same shapes and the same cache object, so
+    the compiled graphs are reused: a new cache object per call makes Dynamo recompile.
+    """
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=cache_len or ids.shape[1] + n + 1)
+    length = cache_len or ids.shape[1] + n + 1
+    key = (id(model), ids.shape[0], length)
+    cache = _CACHES.get(key)
+    if cache is None:
+        cache = _CACHES[key] = StaticCache(config=model.config, max_cache_len=length)
+    cache.reset()
     kw: dict[str, Any] = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               past_key_values=cache)
     if compile_config is not None:
