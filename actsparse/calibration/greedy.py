@@ -7,8 +7,11 @@ parameter count (a layer with fewer weights takes a larger step in its own spars
 step buys about the same parameter-weighted sparsity); small layers' steps are capped, so
 candidates are compared by error increase per unit of parameter-weighted sparsity gained.
 
-The error is ``mean over tokens of ||block(x) - dense block(x)||_2`` on a few calibration
-sequences, with the dense model's block inputs (captured once). Thresholds for a sparsity
+The error is ``mean over tokens of ||block(x) - dense block(x)|| / ||dense block(x)||`` on a
+few calibration sequences, with the dense model's block inputs (captured once). Relative per
+token, because the residual stream of an attention-sink token is 100x larger than the others'
+and an absolute error would optimise for that one token (TEAL scores only the last 25% of
+positions for a similar reason); on SmolLM2 at 50% this took the perplexity from 57.5 to 55.3. Thresholds for a sparsity
 come from the dense model's |x| histograms, as in TEAL. The path does not depend on the
 target, so it is run once up to the largest target and any target reads its point off it.
 
@@ -39,7 +42,6 @@ class GreedyPath:
     params: list[int]
     points: list[tuple[float, list[float], float]] = field(default_factory=list)  # (f, s, err)
     evaluations: int = 0
-    out_norm: float = 0.0  # mean ||dense block output|| per token: the scale errors compare to
 
     def at(self, target: float) -> list[float]:
         """Per-unit sparsities at the first point reaching ``target`` (the last one if none)."""
@@ -138,16 +140,16 @@ def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.n
     try:
         with torch.inference_mode():
             dense = [_first(block(*a, **k)).float() for a, k in inputs]
-            path.out_norm = float(torch.cat([d.reshape(-1, d.shape[-1]).norm(dim=-1) for d in dense]).mean())
+            ref_norms = [d.reshape(-1, d.shape[-1]).norm(dim=-1).clamp_min(1e-12) for d in dense]
 
             def error(s: list[float]) -> float:
                 path.evaluations += 1
                 for i in range(n):
                     thresholds[i] = t_of(i, s[i])
                 err, count = 0.0, 0
-                for (a, k), ref in zip(inputs, dense):
+                for (a, k), ref, rn in zip(inputs, dense, ref_norms):
                     diff = _first(block(*a, **k)).float() - ref
-                    norms = diff.reshape(-1, diff.shape[-1]).norm(dim=-1)
+                    norms = diff.reshape(-1, diff.shape[-1]).norm(dim=-1) / rn
                     err += float(norms.sum())
                     count += norms.numel()
                 return err / count

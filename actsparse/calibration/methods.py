@@ -175,6 +175,7 @@ class Calibrator:
             paths = greedy_paths(self.model, self.sites, self.stats, [seqs[:count, :length]],
                                  max_target=max_target, step=self.greedy_step, progress=self.progress)
             self._greedy = (max_target, paths)
+            self._greedy_shape = (count, length)
         return self._greedy[1]
 
     # ------------------------------------------------------------------ plans
@@ -208,7 +209,8 @@ class Calibrator:
                     hist = self.stats.abs[group]
                     thresholds[unit] = hist.quantile(s) if s > 0 else 0.0
                     measured[unit] = hist.cdf(thresholds[unit])
-            info["greedy"] = {"step": self.greedy_step, "tokens": self.greedy_tokens,
+            info["greedy"] = {"step": self.greedy_step, "sequences": self._greedy_shape[0],
+                              "seq_len": self._greedy_shape[1],
                               "evaluations": sum(p.evaluations for p in paths.values()),
                               "block_sparsity": {str(b): _block_sparsity(p, sparsity) for b, p in paths.items()}}
             scope = "parameter-weighted sparsity of each block's masked linears"
@@ -286,6 +288,8 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
         raise CalibrationError("wina applies to the teal and teal-greedy methods only")
     if wina:
         raise NotImplementedError(WINA_NEEDS)
+    if error_budget is not None and method != "cett":
+        raise CalibrationError("error_budget applies to method 'cett' only")
     if error_budget is None or method != "cett":
         _check_sparsity(sparsity)
     cal = Calibrator(model, tokens_or_texts, tokenizer, methods=(method,), token_budget=token_budget,
