@@ -8,6 +8,11 @@ A plan is keyed by module name (as in ``model.named_modules()``). It holds three
   ``|act(gate(x))| > t`` skips rows of up_proj and columns of down_proj.
 * ``stat_topk``: calibration-free per-token cutoffs for every site of the listed roles.
 
+``score`` says what the input thresholds compare: ``"abs"`` is TEAL's ``|x_i|``; ``"wina"``
+is ``|x_i| * ||W[:, i]||`` (WINA), the channel's magnitude times its weight column's norm, so
+that a small input on a heavy column is kept. The backend takes the column norms from the
+weights it compiles, so a plan stays a file of scalars.
+
 It also records how it was made (method, target, measured sparsity per site and overall) and
 a fingerprint of the model it was made for, so that a plan used on another model fails loudly.
 """
@@ -27,6 +32,7 @@ import torch
 FORMAT = "actsparse-plan"
 VERSION = 1
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
+SCORES = ("abs", "wina")
 
 
 class PlanError(ValueError):
@@ -99,9 +105,12 @@ class SparsityPlan:
     overall_sparsity: float | None = None
     model: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    score: str = "abs"
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise PlanError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         for kind, rules in (("thresholds", self.thresholds),
                             ("activation_thresholds", self.activation_thresholds)):
             for name, t in rules.items():
@@ -127,14 +136,19 @@ class SparsityPlan:
         activation_thresholds: Mapping[str, float] | None = None,
         method: str = "manual",
         target: float | None = None,
+        score: str = "abs",
     ) -> SparsityPlan:
-        """A plan of TEAL input thresholds (and optional CATS thresholds) for ``model``."""
+        """A plan of TEAL input thresholds (and optional CATS thresholds) for ``model``.
+
+        ``score="wina"`` makes each threshold apply to ``|x_i| * ||W[:, i]||`` instead of ``|x_i|``.
+        """
         plan = cls(
             thresholds=dict(thresholds),
             activation_thresholds=dict(activation_thresholds or {}),
             method=method,
             target=target,
             model=fingerprint(model),
+            score=score,
         )
         plan.validate(model)
         return plan
@@ -206,6 +220,7 @@ class SparsityPlan:
             "target": self.target,
             "overall_sparsity": self.overall_sparsity,
             "thresholds": self.thresholds,
+            "score": self.score,
             "activation_thresholds": self.activation_thresholds,
             "stat_topk": None if self.stat_topk is None else {
                 "sparsity": self.stat_topk.sparsity, "roles": list(self.stat_topk.roles)},
@@ -233,6 +248,7 @@ class SparsityPlan:
             overall_sparsity=d.get("overall_sparsity"),
             model=d.get("model"),
             info=dict(d.get("info") or {}),
+            score=d.get("score", "abs"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -265,7 +281,8 @@ class SparsityPlan:
             parts.append(f"target={self.target:.2f}")
         if self.overall_sparsity is not None:
             parts.append(f"measured={self.overall_sparsity:.3f}")
-        parts.append(f"{len(self.thresholds)} input thresholds")
+        parts.append(f"{len(self.thresholds)} input thresholds"
+                     + (" on |x|*||W col||" if self.score == "wina" else ""))
         if self.activation_thresholds:
             parts.append(f"{len(self.activation_thresholds)} activation thresholds")
         if self.stat_topk is not None:
