@@ -3,8 +3,9 @@
 Each op has a fake implementation (Inductor and CUDA graphs need output shapes without running
 it) and a real one that picks its path at run time:
 
-* few token rows (decode) on the CPU: gather the weight rows of the active input channels and
-  multiply only those (``GATHER_MAX_ROWS``, ``GATHER_MAX_DENSITY``);
+* few token rows (decode) on the CPU: the native kernel (``actsparse.kernels.cpu``) reads only
+  the weight rows of the active input channels (``GATHER_MAX_ROWS``); where it cannot be built,
+  gather those rows and multiply only them (``GATHER_MAX_DENSITY``);
 * few token rows on a CUDA device: the Triton sparse kernels (``actsparse.kernels.triton``);
 * many token rows (prefill), or a mask that is nearly dense: apply the mask and run the dense
   matmul on the same weight storage.
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from .reference import activation, input_mask
 
-#: Token rows up to which the CPU op gathers active weight rows instead of running dense.
-#: Above it (prefill) a gather per row costs more than one dense GEMM over the whole batch.
+#: Token rows up to which the CPU op skips inactive weight rows instead of running dense.
+#: Above it (prefill) the union of the rows' masks is nearly dense and one GEMM is cheaper.
 GATHER_MAX_ROWS = 4
 
 #: Fraction of active input channels (union over the rows) above which the CPU op runs dense:
@@ -58,7 +59,17 @@ def _gather_rows(w: Tensor, idx: Tensor) -> Tensor:
     return w.t().index_select(0, idx)
 
 
+def _native_cpu(x2: Tensor, w: Tensor):
+    """The native CPU kernel module if it applies to (x2, w), else None."""
+    if x2.is_cuda or x2.shape[0] > GATHER_MAX_ROWS or x2.dtype != w.dtype or not w.t().is_contiguous():
+        return None
+    from . import cpu
+
+    return cpu if cpu.load() is not None else None
+
+
 def _linear_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], mask: Tensor) -> Tensor:
+    """The gather path: copy the active weight rows, multiply only those."""
     rows = x2.shape[0]
     if rows <= GATHER_MAX_ROWS:
         active = mask.any(0)
@@ -69,6 +80,21 @@ def _linear_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], mask: Tensor) -> Ten
             y = xs @ _gather_rows(w, idx)
             return y if b is None else y + b
     return F.linear(torch.where(mask, x2, _zero(x2)), w, b)
+
+
+def _sparse_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], t: float, per_token: bool,
+                channel_t: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Native kernel for few rows over an input-major weight; None where it does not apply."""
+    native = _native_cpu(x2, w)
+    if native is None:
+        return None
+    if per_token:  # one cutoff per row: one call per row
+        scale = _rms(x2)
+        y = torch.cat([native.input_sparse_linear(x2[i:i + 1], w.t(), t * float(scale[i]))
+                       for i in range(x2.shape[0])])
+    else:
+        y = native.input_sparse_linear(x2, w.t(), t, channel_t)
+    return y if b is None else y + b
 
 
 @torch.library.custom_op("actsparse::sparse_linear", mutates_args=())
@@ -93,6 +119,10 @@ def sparse_linear(
     else:
         outs, masks = [], {}
         for w, b, t in zip(weights, biases, thresholds):
+            y = _sparse_cpu(x2, w, b, t, per_token) if not x.is_cuda else None
+            if y is not None:
+                outs.append(y)
+                continue
             if t not in masks:
                 masks[t] = input_mask(x2, t, per_token)
             if x.is_cuda:
