@@ -7,6 +7,12 @@ A plan is keyed by module name (as in ``model.named_modules()``). It holds three
 * ``activation_thresholds``: CATS masks, ``{down-projection module: t}``; the mask
   ``|act(gate(x))| > t`` skips rows of up_proj and columns of down_proj.
 * ``stat_topk``: calibration-free per-token cutoffs for every site of the listed roles.
+* ``predictors``: learned predictors (Deja Vu), ``{down-projection module: spec}``; a low-rank
+  ``Linear(d, r) -> Linear(r, n)`` on the MLP input guesses the active neurons, so rows of
+  gate, up and down are all skipped. The spec (JSON) names the gate/up modules, the rank and
+  the selection (``keep`` top-k logits per token, or ``logit > threshold``); the weights live
+  in ``predictor_tensors`` (``"<down>.w1"`` [r, d], ``"<down>.w2"`` [n, r], ``"<down>.b2"``
+  [n]), saved next to the JSON as a safetensors file.
 
 ``score`` says what the input thresholds compare: ``"abs"`` is TEAL's ``|x_i|``; ``"wina"``
 is ``|x_i| * ||W[:, i]||`` (WINA), the channel's magnitude times its weight column's norm, so
@@ -106,6 +112,8 @@ class SparsityPlan:
     model: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     score: str = "abs"
+    predictors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    predictor_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -126,6 +134,8 @@ class SparsityPlan:
             bad = [r for r in self.stat_topk.roles if r not in ROLES]
             if bad:
                 raise PlanError(f"stat_topk roles {bad} unknown; allowed: {', '.join(ROLES)}")
+        for name, spec in self.predictors.items():
+            _check_predictor_spec(name, spec)
 
     @classmethod
     def from_thresholds(
@@ -163,11 +173,12 @@ class SparsityPlan:
     # ------------------------------------------------------------------ queries
     @property
     def is_empty(self) -> bool:
-        return not self.thresholds and not self.activation_thresholds and self.stat_topk is None
+        return (not self.thresholds and not self.activation_thresholds and self.stat_topk is None
+                and not self.predictors)
 
     def rule_names(self) -> set[str]:
         """Every module name a rule refers to."""
-        return set(self.thresholds) | set(self.activation_thresholds)
+        return set(self.thresholds) | set(self.activation_thresholds) | set(self.predictors)
 
     def validate(self, model: torch.nn.Module) -> None:
         """Raise PlanError naming what does not fit: another model, unknown modules."""
@@ -185,6 +196,37 @@ class SparsityPlan:
             if not_linear:
                 parts.append(f"modules that are not linear layers: {_short(not_linear)}")
             raise PlanError("plan names " + "; ".join(parts))
+        self.check_predictors(shapes)
+
+    def check_predictors(self, shapes: Mapping[str, Any] | None = None) -> None:
+        """Raise PlanError unless every predictor has its tensors, of shapes that fit its MLP.
+
+        ``shapes`` (module -> weight shape) checks the gate/up modules too: a predictor for an
+        MLP of d inputs and n neurons needs w1 [r, d], w2 [n, r] and b2 [n].
+        """
+        clash = [n for n, sp in self.predictors.items()
+                 if n in self.activation_thresholds or {n, sp["gate"], sp["up"]} & set(self.thresholds)]
+        if clash:
+            raise PlanError(f"plan has a predictor and threshold rules on the same MLP: {_short(clash)}; "
+                            "an MLP takes one or the other")
+        for name, sp in self.predictors.items():
+            d, n, r = sp["in_features"], sp["neurons"], sp["rank"]
+            want = {f"{name}.w1": [r, d], f"{name}.w2": [n, r], f"{name}.b2": [n]}
+            for key, shape in want.items():
+                t = self.predictor_tensors.get(key)
+                if t is None:
+                    raise PlanError(f"predictor for {name!r} has no tensor {key!r} (was the plan's "
+                                    "safetensors file saved with it?)")
+                if list(t.shape) != shape:
+                    raise PlanError(f"predictor tensor {key!r} has shape {list(t.shape)}, expected {shape}")
+            if shapes is not None:
+                for part in ("gate", "up"):
+                    ws = shapes.get(sp[part])
+                    if ws is None:
+                        raise PlanError(f"predictor for {name!r}: the model has no linear {sp[part]!r}")
+                    if list(ws) != [n, d]:
+                        raise PlanError(f"predictor for {name!r} was made for an MLP of {d} inputs and "
+                                        f"{n} neurons; {sp[part]} has weight shape {list(ws)}")
 
     def check_fingerprint(self, other: Mapping[str, Any]) -> None:
         """Raise PlanError if ``other`` (a fingerprint) is not the model this plan was made for."""
@@ -228,6 +270,7 @@ class SparsityPlan:
             "measured": self.measured,
             "model": self.model,
             "info": self.info,
+            "predictors": self.predictors,
         }
 
     @classmethod
@@ -249,14 +292,32 @@ class SparsityPlan:
             model=d.get("model"),
             info=dict(d.get("info") or {}),
             score=d.get("score", "abs"),
+            predictors={k: dict(v) for k, v in (d.get("predictors") or {}).items()},
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON (atomically: a reader never sees half a file)."""
+        """Write the plan as JSON (atomically: a reader never sees half a file).
+
+        A plan with predictors also writes their weights to ``<path>.safetensors`` (never
+        pickle); the JSON names that file and its tensors' shapes.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        d = self.to_dict()
+        if self.predictors:
+            from safetensors.torch import save_file
+
+            self.check_predictors()
+            side = sidecar_path(path)
+            tmp_side = side.with_name(side.name + ".tmp")
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                       for k, v in sorted(self.predictor_tensors.items())}
+            save_file(tensors, str(tmp_side), metadata={"format": FORMAT + "-predictors"})
+            os.replace(tmp_side, side)
+            d["predictor_file"] = side.name
+            d["predictor_tensors"] = {k: list(v.shape) for k, v in tensors.items()}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
         os.replace(tmp, path)
         return path
 
@@ -271,6 +332,9 @@ class SparsityPlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON: {e}") from None
         plan = cls.from_dict(data)
+        if plan.predictors:
+            plan.predictor_tensors = _load_predictor_tensors(path, data)
+            plan.check_predictors()
         if model is not None:
             plan.validate(model)
         return plan
@@ -287,6 +351,8 @@ class SparsityPlan:
             parts.append(f"{len(self.activation_thresholds)} activation thresholds")
         if self.stat_topk is not None:
             parts.append(f"stat-topk s={self.stat_topk.sparsity:.2f}")
+        if self.predictors:
+            parts.append(f"{len(self.predictors)} MLP predictors")
         return "SparsityPlan(" + ", ".join(parts) + ")"
 
     __str__ = summary
@@ -295,3 +361,56 @@ class SparsityPlan:
 def _short(items: list[str], n: int = 8) -> str:
     head = ", ".join(items[:n])
     return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+PREDICTOR_KEYS = ("gate", "up", "act", "rank", "in_features", "neurons", "selection", "keep", "threshold")
+SELECTIONS = ("topk", "threshold")
+
+
+def _check_predictor_spec(name: str, spec: Mapping[str, Any]) -> None:
+    missing = [k for k in PREDICTOR_KEYS if k not in spec]
+    if missing:
+        raise PlanError(f"predictors[{name!r}] lacks {', '.join(missing)}")
+    if spec["selection"] not in SELECTIONS:
+        raise PlanError(f"predictors[{name!r}]: selection must be one of {', '.join(SELECTIONS)}, "
+                        f"got {spec['selection']!r}")
+    for k in ("rank", "in_features", "neurons", "keep"):
+        v = spec[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlanError(f"predictors[{name!r}][{k!r}] must be an integer >= 1, got {v!r}")
+    if spec["keep"] > spec["neurons"]:
+        raise PlanError(f"predictors[{name!r}]: keep {spec['keep']} exceeds {spec['neurons']} neurons")
+    t = spec["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise PlanError(f"predictors[{name!r}]['threshold'] must be a finite number, got {t!r}")
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where a plan file's predictor weights live: ``plan.json`` -> ``plan.json.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.name + ".safetensors")
+
+
+def _load_predictor_tensors(path: Path, data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = data.get("predictor_file")
+    if not name:
+        raise PlanError(f"{path} has predictors but names no predictor weights file")
+    if Path(name).name != name:
+        raise PlanError(f"{path}: predictor_file must be a file name next to the plan, got {name!r}")
+    side = path.with_name(name)
+    if not side.exists():
+        raise PlanError(f"predictor weights of {path} not found: {side}")
+    try:
+        tensors = load_file(str(side))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlanError(f"{side} is not a readable safetensors file: {e}") from None
+    listed = data.get("predictor_tensors") or {}
+    for k, shape in listed.items():
+        if k not in tensors:
+            raise PlanError(f"{side} lacks tensor {k!r} that {path.name} lists")
+        if list(tensors[k].shape) != list(shape):
+            raise PlanError(f"{side}: tensor {k!r} has shape {list(tensors[k].shape)}, the plan says {shape}")
+    return tensors
