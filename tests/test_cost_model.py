@@ -45,7 +45,8 @@ def test_speedup_bounded_by_ideal_and_monotone(k, n):
         assert v <= cap / (1 - s10 / 10) + 1e-9
 
 
-EVEN = cm.Device(dense_efficiency=0.8, sparse_efficiency=0.8)  # kernels equally good at full density
+EVEN = cm.Device(dense_efficiency=0.8, sparse_efficiency=0.8, batch_sparse_efficiency=0.8,
+                 batch_sparse_overhead=cm.H100.sparse_overhead)  # kernels equally good at full density
 
 
 def test_prefer_sparse_sanity():

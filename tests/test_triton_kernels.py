@@ -34,6 +34,7 @@ CONFIGS = [  # interpreter-sized versions of both kernel paths
     dict(COMPACT=False, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4),
     dict(COMPACT=True, CHUNK=16, BLOCK_K=16, BLOCK_N=16, num_warps=4),
     dict(COMPACT=True, CHUNK=128, BLOCK_K=32, BLOCK_N=64, num_warps=4),  # one chunk, one block
+    dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=16, num_warps=4, PREFETCH=False),  # plain loop
 ]
 
 
@@ -97,7 +98,35 @@ def test_sparse_linear_random(M, K, n0, num_out, dtype, sparsity, input_major, b
     run_case(M, K, ns, dtype, seed, sparsity, input_major, bias, row_scale, CONFIGS[config])
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"compact{int(c['COMPACT'])}-chunk{c['CHUNK']}")
+@pytest.mark.parametrize("M", [2, 3, 5, 16])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_batch_split_k_three_outputs_with_tails(M, prefetch):
+    """The structure of the batch cases that returned wrong sums on an H100: 2..16 rows (padded
+    to 16 for the tl.dot path), three outputs whose N are not multiples of BLOCK_N, mixed
+    weight layouts, biases, row scales, and K split over several chunks with a tail, so every
+    output block is finished by a last-arriving program. (The race itself, a workspace reset
+    racing a read of the same element by another thread, needs a GPU; the interpreter runs
+    one thread. These cases pin the function the GPU self-check compares against.)"""
+    cfg = dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=16, num_warps=4, PREFETCH=prefetch)
+    run_case(M, 136, [64, 16, 24], torch.bfloat16, seed=20 + M, sparsity=0.5, row_scale=True, config=cfg)
+    run_case(M, 136, [40], torch.float32, seed=30 + M, sparsity=0.8, row_scale=False, config=cfg)
+
+
+def test_epilogue_reads_workspace_before_resetting_it():
+    """The last-arriving program must read the fp32 sums, then synchronise its threads, then
+    reset the workspace: without the barrier a thread holding a replicated copy of an element
+    read a zero on the GPU (batch rows 2..16)."""
+    import inspect
+
+    src = inspect.getsource(sg._linear_tile.fn)
+    epi = src[src.index("if done =="):]
+    i_load = epi.index("tot = tl.load(ws")
+    i_bar = epi.index("tl.debug_barrier()")
+    i_reset = epi.index("tl.store(ws, tl.zeros")
+    assert i_load < i_bar < i_reset
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"compact{int(c['COMPACT'])}-chunk{c['CHUNK']}-bn{c['BLOCK_N']}")
 def test_all_zero_mask_gives_bias(config):
     out, _ = run_case(5, 40, [24, 8], torch.float32, seed=1, sparsity=1.0, bias=True, config=config)
     assert torch.count_nonzero(out[1]) == 0  # no bias on the second output
@@ -204,8 +233,8 @@ def test_cats_activations(act):
 
 @pytest.mark.parametrize("M", [1, 16, 20])
 def test_cats_public_wrapper(M):
-    """`gated_mlp_cats` (kernel at M=1; dense fallback for batches while their path is off, and
-    past 16 rows) computes the reference function; fp32 so the fallback's gate is exact too."""
+    """`gated_mlp_cats` (kernels up to 16 rows, dense fallback past 16 rows) computes the
+    reference function; fp32 so the fallback's gate is exact too."""
     g = torch.Generator().manual_seed(14)
     x = torch.randn(M, 72, generator=g)
     wg, wu = weight(88, 72, torch.float32, False, g), weight(88, 72, torch.float32, False, g)

@@ -15,10 +15,9 @@ The expressions are sympy: bytes, FLOPs and time as functions of M, K, N, s and 
 size, so the breakeven batch has a closed form (`breakeven_batch_expr`). Numbers come from
 lambdified versions. Defaults are an H100 SXM measured on the device machine (copy bandwidth
 2.96 TB/s counting read + write, bf16 tensor-core rate about 790 TFLOP/s); the efficiencies and
-fixed costs are a least-squares fit to the batch-1 points of benchmarks/kernels_h100.json
-(mean error 3% dense, 9% sparse). The fixed costs are those of one isolated layer call replayed
-from a CUDA graph after an L2 flush (the benchmark's protocol); inside a model's graph,
-back-to-back kernels pay less, so the model is conservative about small layers.
+fixed costs are least-squares fits (time = bytes / (eta * BW) + T) to benchmarks/kernels_h100.json,
+whose times are per call inside a graph of back-to-back calls of a layer, as in a decode step
+(mean error: dense 2%, fallback 4%, sparse one row 7%, sparse 2..16 rows 10%).
 
 Three ways to run a masked linear are modelled: dense cuBLAS on the usual row-major weight (the
 unmodified model), the sparse kernel, and the wrapper's dense fallback (mask, then `F.linear`
@@ -35,8 +34,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 M, K, N, s, b = sp.symbols("M K N s b", positive=True)
-BW, PEAK, T_LAUNCH, T_SPARSE, E_DENSE, E_SPARSE, T_FALLBACK, E_FALLBACK = sp.symbols(
-    "BW PEAK T_launch T_sparse eta_dense eta_sparse T_fallback eta_fallback", positive=True)
+BW, PEAK, T_LAUNCH, T_SPARSE, E_DENSE, E_SPARSE, T_FALLBACK, E_FALLBACK, E_BATCH, T_BATCH = sp.symbols(
+    "BW PEAK T_launch T_sparse eta_dense eta_sparse T_fallback eta_fallback eta_batch T_batch", positive=True)
 
 #: Probability that at least one of M independent rows needs a given input channel.
 union_density = 1 - s**M
@@ -53,7 +52,11 @@ sparse_flops = 2 * M * K * N * union_density
 #: Predicted seconds: the larger of the memory and compute times, plus fixed costs. The
 #: efficiencies say what fraction of copy bandwidth each kernel reaches on a full layer.
 dense_time = sp.Max(dense_bytes / (E_DENSE * BW), dense_flops / PEAK) + T_LAUNCH
-sparse_time = sp.Max(sparse_bytes / (E_SPARSE * BW), sparse_flops / PEAK) + T_LAUNCH + T_SPARSE
+#: One row runs the FMA kernel; 2..16 rows the tensor-core kernel (rows padded to 16), which
+#: streams weights less efficiently: its own efficiency and fixed cost.
+sparse_efficiency = sp.Piecewise((E_SPARSE, M <= 1), (E_BATCH, True))
+sparse_overhead = sp.Piecewise((T_SPARSE, M <= 1), (T_BATCH, True))
+sparse_time = sp.Max(sparse_bytes / (sparse_efficiency * BW), sparse_flops / PEAK) + T_LAUNCH + sparse_overhead
 fallback_time = sp.Max(dense_bytes / (E_FALLBACK * BW), dense_flops / PEAK) + T_LAUNCH + T_FALLBACK
 
 
@@ -63,23 +66,28 @@ class Device:
 
     bandwidth: float = 2.96e12  # bytes/s, device copy (read + write)
     peak: float = 7.9e14  # FLOP/s, bf16 dense matmul
-    dense_efficiency: float = 0.86  # cuBLAS GEMV, fraction of copy bandwidth on a full layer
-    sparse_efficiency: float = 0.74  # sparse kernel, on the weight rows it reads
-    fallback_efficiency: float = 0.84  # cuBLAS on input-major (transposed) storage
-    launch_overhead: float = 9.7e-6  # s, fixed cost of one isolated layer call (see module doc)
-    sparse_overhead: float = 2.2e-6  # s, extra: compaction and split-K reduction latency
-    fallback_overhead: float = 8.6e-6  # s, extra: the masking launches before F.linear
+    # Efficiencies are fractions of the copy bandwidth (read + write counted), so a kernel that
+    # only reads can exceed 1.
+    dense_efficiency: float = 1.05  # cuBLAS GEMV on a full layer
+    sparse_efficiency: float = 0.97  # sparse kernel, one row, on the weight rows it reads
+    fallback_efficiency: float = 0.98  # cuBLAS on input-major (transposed) storage
+    launch_overhead: float = 6.05e-6  # s, fixed cost of one layer call in a graph (see module doc)
+    sparse_overhead: float = 0.95e-6  # s, extra: compaction and split-K reduction latency
+    fallback_overhead: float = 8.55e-6  # s, extra: the masking launches before F.linear
+    batch_sparse_efficiency: float = 0.66  # sparse kernel, 2..16 rows (tensor-core path)
+    batch_sparse_overhead: float = 1.3e-6  # s, extra, 2..16 rows
 
     def subs(self) -> dict:
         return {BW: self.bandwidth, PEAK: self.peak, E_DENSE: self.dense_efficiency,
                 E_SPARSE: self.sparse_efficiency, T_LAUNCH: self.launch_overhead,
                 T_SPARSE: self.sparse_overhead, E_FALLBACK: self.fallback_efficiency,
-                T_FALLBACK: self.fallback_overhead}
+                T_FALLBACK: self.fallback_overhead, E_BATCH: self.batch_sparse_efficiency,
+                T_BATCH: self.batch_sparse_overhead}
 
 
 H100 = Device()
 
-_ARGS = (M, K, N, s, b, BW, PEAK, E_DENSE, E_SPARSE, T_LAUNCH, T_SPARSE, E_FALLBACK, T_FALLBACK)
+_ARGS = (M, K, N, s, b, BW, PEAK, E_DENSE, E_SPARSE, T_LAUNCH, T_SPARSE, E_FALLBACK, T_FALLBACK, E_BATCH, T_BATCH)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +103,7 @@ def _kw(device: Device | None, bandwidth, peak):
     d = device or H100
     return (bandwidth if bandwidth is not None else d.bandwidth, peak if peak is not None else d.peak,
             d.dense_efficiency, d.sparse_efficiency, d.launch_overhead, d.sparse_overhead,
-            d.fallback_efficiency, d.fallback_overhead)
+            d.fallback_efficiency, d.fallback_overhead, d.batch_sparse_efficiency, d.batch_sparse_overhead)
 
 
 def _eval(name, m, k, n, sparsity, dtype_bytes, device=None, bandwidth=None, peak=None) -> float:
@@ -134,9 +142,10 @@ def prefer_sparse(m, k, n, sparsity, dtype_bytes=2, bandwidth=None, peak=None, d
 
 
 def breakeven_density_expr():
-    """Union density d* at which sparse and dense take equal time (memory-bound regime)."""
+    """Union density d* at which the batch (2..16 rows) sparse kernel and dense take equal time
+    (memory-bound regime)."""
     d = sp.Symbol("d", positive=True)
-    t_s = (d * K * N * b + M * K * b + M * N * b) / (E_SPARSE * BW) + T_LAUNCH + T_SPARSE
+    t_s = (d * K * N * b + M * K * b + M * N * b) / (E_BATCH * BW) + T_LAUNCH + T_BATCH
     t_d = dense_bytes / (E_DENSE * BW) + T_LAUNCH
     (sol,) = sp.solve(sp.Eq(t_s, t_d), d)
     return sp.simplify(sol)

@@ -23,15 +23,17 @@ The kernel, one program per (block of BLOCK_N outputs) x (chunk of CHUNK input c
    to zero, so the next launch needs no memset: one launch per call, CUDA-graph safe.
 
 M (1..16 token rows) is handled in one pass: M=1 uses fp32 FMAs (x[k] * W[k, :], reduced over
-k once at the end); 2..4 rows the same FMAs on a [rows, BLOCK_K, BLOCK_N] accumulator; 5..16
-rows `tl.dot` with the rows padded to 16 (tensor cores are idle in a GEMV anyway). Up to three
-outputs (q/k/v, gate/up) share x and one launch; each has its own threshold, weights, strides
-and bias, and its own blocks in grid axis 0.
+k once at the end); 2..16 rows `tl.dot` with the rows padded to 16 (tensor cores are idle in a
+GEMV anyway). The compacted loop is pipelined by hand (PREFETCH): the weight rows of the next
+step are requested before the FMAs of this one. Up to three outputs (q/k/v, gate/up) share x
+and one launch; each has its own threshold, weights, strides and bias, and its own blocks in
+grid axis 0.
 
-Status (H100, Triton 3.6, benchmarks/kernels_h100.md): one row is exact everywhere, eager and
-in CUDA graphs, and 1.3-1.4x faster than cuBLAS at 50% sparsity, 2.6-2.9x at 90% on the large
-Llama-3-8B layers. The multi-row paths returned wrong sums on some inputs there, so the public
-wrappers send batches to the dense fallback (`DOT_PATH_ENABLED`, `FEW_ROWS_PATH_ENABLED`).
+Status (H100, Triton 3.6, benchmarks/kernels_h100.md, per call inside a graph of back-to-back
+calls): exact against the fp32 reference at every batch (GPU self-check 51/51), 1.45-1.63x over
+cuBLAS at 50% sparsity and 3.6-4.3x at 90% on the large Llama-3-8B layers at batch 1. The
+batch kernels are correct but stream weights less efficiently than cuBLAS, so the cost model
+sends dense-union batches to the dense fallback.
 """
 
 from __future__ import annotations
@@ -56,14 +58,12 @@ MIN_BLOCK_N = 16  # the smallest BLOCK_N of any config: sizes the counter buffer
 
 
 @triton.jit
-def _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok,
-                cutoff, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UNION_KNOWN: tl.constexpr):
-    """acc += masked x[:, rows] @ W[rows, offs_n]; weight rows no batch row needs are not read.
+def _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok, cutoff,
+               UNION_KNOWN: tl.constexpr):
+    """Issue the loads of one step: x[:, rows] and the weight rows some batch row needs.
 
     UNION_KNOWN: `valid` already marks exactly the rows some batch row needs (compacted list),
-    so no reduction over the batch rows is needed here. The multi-row (tl.dot) path only runs
-    with it: a cross-warp reduction in the same loop as the dot gave wrong sums on an H100
-    (Triton 3.6).
+    so the weight loads need not wait for the x loads (no union over the batch rows here).
     """
     xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
                  mask=m_ok[:, None] & valid[None, :], other=0.0)  # [M_PAD, BLOCK_K]
@@ -75,13 +75,16 @@ def _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, 
     # A masked load issues no memory transaction: inactive rows cost nothing but the issue slot.
     w = tl.load(W + rows[:, None] * swk + offs_n[None, :] * swn,
                 mask=row_on[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+    return xg, keep, w
+
+
+@triton.jit
+def _fma(acc, xg, keep, w, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += (x masked by keep) @ w, in fp32."""
     if M_PAD == 1:
         xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
         acc += xv[:, None] * w.to(tl.float32)  # reduced over k once, after the loop
-    elif M_PAD <= 4:  # a few rows: fp32 FMAs on [M_PAD, BLOCK_K, BLOCK_N], no tensor cores
-        xm = tl.where(keep, xg.to(tl.float32), 0.0)
-        acc += xm[:, :, None] * w.to(tl.float32)[None, :, :]
-    else:
+    else:  # rows padded to 16: one tensor-core dot per step (they are idle in a GEMV anyway)
         xm = tl.where(keep, xg, 0.0).to(w.dtype)
         if DOT_PRECISION == "upcast":  # Triton's CPU interpreter gets bf16 dots wrong
             acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -97,7 +100,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                  M, K, N_TOTAL,
                  HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                 COMPACT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
     pid_k = tl.program_id(1)
     k0 = pid_k * CHUNK
@@ -111,34 +114,24 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         cutoff = tl.zeros([M_PAD], dtype=tl.float32) + thr
     if M_PAD == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    elif M_PAD <= 4:
-        acc = tl.zeros([M_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
 
     if COMPACT:
-        # 1. which channels of this chunk does any row need?
+        # 1. which channels of this chunk does any row need? (the union, one row at a time:
+        # elementwise ORs only, no cross-thread reduction before the prefix sum)
         offs_c = tl.arange(0, CHUNK)
         kc = k0 + offs_c
-        if M_PAD == 1:
-            xc = tl.load(X + offs_m[:, None] * stride_xm + kc[None, :] * stride_xk,
-                         mask=m_ok[:, None] & (kc < K)[None, :], other=0.0)
-            on = (tl.abs(xc.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & (kc < K)[None, :]
-            active = tl.max(on.to(tl.int32), axis=0)  # [CHUNK] of 0/1 (a reduction over 1 row)
-        else:
-            # The union over the batch rows, one row at a time: elementwise ORs only. A reduction
-            # over the row axis of a [rows, CHUNK] tile here gave wrong sums on an H100 (Triton
-            # 3.6); this form avoids any cross-thread reduction before the prefix sum.
-            active = tl.zeros([CHUNK], dtype=tl.int32)
-            for m in tl.static_range(M_PAD):
-                if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
-                    c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
-                else:
-                    c_m = thr
-                row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
-                xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
-                hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
-                active = tl.maximum(active, hit.to(tl.int32))
+        active = tl.zeros([CHUNK], dtype=tl.int32)
+        for m in tl.static_range(M_PAD):
+            if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
+                c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
+            else:
+                c_m = thr
+            row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
+            xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
+            hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
+            active = tl.maximum(active, hit.to(tl.int32))
         # 2. compact them: the i-th active channel goes to slot i of this chunk's scratch.
         # Every program of the same (output, chunk) writes the same list, so sharing is safe.
         pos = tl.cumsum(active, axis=0) - 1
@@ -146,30 +139,51 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         scr = SCR + scr_base + k0
         tl.store(scr + pos, offs_c, mask=active > 0)
         tl.debug_barrier()  # the list is written by all threads, read back by all threads
-        # 3. walk the list; the next slice of indices is fetched while this one's rows load.
+        # 3. walk the list, BLOCK_K active channels per step.
         offs_j = tl.arange(0, BLOCK_K)
         idx = tl.load(scr + offs_j, mask=offs_j < n_act, other=0, cache_modifier=".cg")
-        for j in range(0, n_act, BLOCK_K):
-            valid = (j + offs_j) < n_act
-            rows = k0 + idx
-            nxt = j + BLOCK_K + offs_j
+        if PREFETCH:
+            # Software pipelining by hand: the loads of step j+1 are issued before the FMAs
+            # of step j, and the indices two steps ahead, so two steps of weight rows are in
+            # flight per program (Triton does not pipeline this data-dependent loop itself).
+            xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, k0 + idx, offs_j < n_act,
+                                     offs_m, m_ok, offs_n, n_ok, cutoff, True)
+            nxt = BLOCK_K + offs_j
             idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=".cg")
-            if M_PAD > 4:
-                tl.debug_barrier()  # keep the dot's shared-memory staging apart between iterations
-            acc = _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, valid,
-                              offs_m, m_ok, offs_n, n_ok, cutoff, M_PAD, DOT_PRECISION, True)
+            for j in range(0, n_act, BLOCK_K):
+                nj = j + BLOCK_K + offs_j
+                xg_n, keep_n, w_n = _load_tile(X, stride_xm, stride_xk, W, swn, swk, k0 + idx, nj < n_act,
+                                               offs_m, m_ok, offs_n, n_ok, cutoff, True)
+                nn = nj + BLOCK_K
+                idx = tl.load(scr + nn, mask=nn < n_act, other=0, cache_modifier=".cg")
+                if M_PAD > 1:
+                    tl.debug_barrier()  # keep the dot's shared-memory staging apart between steps
+                acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
+                xg = xg_n
+                keep = keep_n
+                w = w_n
+        else:
+            for j in range(0, n_act, BLOCK_K):
+                valid = (j + offs_j) < n_act
+                rows = k0 + idx
+                nxt = j + BLOCK_K + offs_j
+                idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=".cg")
+                if M_PAD > 1:
+                    tl.debug_barrier()
+                xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid,
+                                         offs_m, m_ok, offs_n, n_ok, cutoff, True)
+                acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
     else:
         # TEAL-style: visit every channel of the chunk, predicate the weight loads on the mask.
         tl.static_assert(M_PAD == 1, "the predicated path is for one row; batches use COMPACT")
         for kb in range(0, CHUNK, BLOCK_K):
             rows = k0 + kb + tl.arange(0, BLOCK_K)
-            acc = _accumulate(acc, X, stride_xm, stride_xk, W, swn, swk, rows, rows < K,
-                              offs_m, m_ok, offs_n, n_ok, cutoff, M_PAD, DOT_PRECISION, False)
+            xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, rows < K,
+                                     offs_m, m_ok, offs_n, n_ok, cutoff, False)
+            acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
 
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-    elif M_PAD <= 4:
-        part = tl.sum(acc, axis=1)  # [M_PAD, BLOCK_N]
     else:
         part = acc  # [M_PAD, BLOCK_N]
 
@@ -181,6 +195,10 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
     done = tl.atomic_add(CNT + cnt_idx, 1, sem="acq_rel")
     if done == tl.num_programs(1) - 1:
         tot = tl.load(ws, mask=out_ok, other=0.0, cache_modifier=".cg")
+        # The barrier matters: a tile's layout may give one element to several threads (a
+        # reduced or tensor-core layout); without it one thread's reset could land before
+        # another thread's read of the same sum, and that thread would write a zero.
+        tl.debug_barrier()
         tl.store(ws, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=out_ok)
         if HAS_BIAS:
             tot += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -201,6 +219,7 @@ def _sparse_linear_kernel(
     NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
+    PREFETCH: tl.constexpr = True,
 ):
     """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
     pointers and strides (no merged variables: strides keep their divisibility hints)."""
@@ -210,72 +229,68 @@ def _sparse_linear_kernel(
     if pid_n < nb0:
         _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0,
                      pid_n, 0, pid_n, 0, M, K, N_TOTAL,
-                     HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
+                     HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1,
                          pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
-                         HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
+                         HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
         elif NUM_OUT >= 3:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2,
                          pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
-                         HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, DOT_PRECISION)
-
+                         HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
 # ----------------------------------------------------------------------------------------------
 
 
-def _cfg(compact, chunk, block_k, block_n, warps, stages=1):
-    return triton.Config(dict(COMPACT=compact, CHUNK=chunk, BLOCK_K=block_k, BLOCK_N=block_n),
+def _cfg(compact, chunk, block_k, block_n, warps, stages=1, prefetch=True):
+    return triton.Config(dict(COMPACT=compact, CHUNK=chunk, BLOCK_K=block_k, BLOCK_N=block_n, PREFETCH=prefetch),
                          num_warps=warps, num_stages=stages)
 
 
-# A short list: compaction at several chunk sizes (more programs for small layers), plus the
-# TEAL-style predicated tile that wins when almost nothing is skipped.
+# A short list: compaction at several chunk sizes (more programs for small layers), with and
+# without the hand-pipelined loop, plus the TEAL-style predicated tile that wins when almost
+# nothing is skipped. Chosen from an H100 sweep (benchmarks/kernels_h100.md).
 CONFIGS_M1 = [
-    _cfg(True, 512, 32, 256, 4),
-    _cfg(True, 256, 32, 256, 4),
-    _cfg(True, 1024, 64, 256, 8),
+    _cfg(True, 512, 16, 256, 2),
+    _cfg(True, 1024, 16, 512, 4),
+    _cfg(True, 256, 16, 256, 2),
+    _cfg(True, 1024, 32, 256, 4),
     _cfg(True, 256, 32, 128, 4),
-    _cfg(True, 128, 32, 128, 4),
     _cfg(True, 512, 64, 128, 4),
-    _cfg(False, 64, 64, 256, 4),
-    _cfg(False, 256, 32, 256, 4),
+    _cfg(True, 512, 16, 256, 2, prefetch=False),
+    _cfg(True, 1024, 16, 512, 4, prefetch=False),
+    _cfg(True, 256, 32, 128, 4, prefetch=False),
+    _cfg(False, 32, 32, 256, 2),
+    _cfg(False, 32, 32, 128, 2),
 ]
-CONFIGS_FEW = [  # 2..4 rows: compacted lists, fp32 FMAs on a [rows, BLOCK_K, BLOCK_N] accumulator
-    _cfg(True, 256, 16, 128, 4),
-    _cfg(True, 512, 16, 256, 8),
-    _cfg(True, 256, 32, 128, 8),
-    _cfg(True, 128, 16, 64, 4),
-    _cfg(True, 256, 16, 64, 4),
-]
-CONFIGS_DOT = [  # 5..16 rows: compacted lists only (see `_accumulate`), no software pipelining
+CONFIGS_DOT = [  # 2..16 rows, padded to 16: compacted lists only, one tl.dot per step
     _cfg(True, 256, 32, 128, 4),
+    _cfg(True, 512, 32, 256, 4),
     _cfg(True, 512, 64, 128, 4),
     _cfg(True, 256, 64, 256, 8),
     _cfg(True, 128, 32, 64, 4),
-    _cfg(True, 512, 32, 256, 4),
+    _cfg(True, 256, 32, 128, 4, prefetch=False),
 ]
-#: Switches for the batch paths (False sends those batches to the dense fallback).
-#: Both are OFF: on an H100 (Triton 3.6) the multi-row kernels returned wrong sums for some
-#: inputs (errors 1e-2..4e-1, single rows always exact), and were slower than dense anyway.
-#: The union is now formed without any cross-row reduction, the suspected cause, which passes
-#: the interpreter tests but has not yet been run on a GPU: turn these on only after
-#: `python -m actsparse.bench.kernels --checks` reports every case within tolerance.
-FEW_ROWS_PATH_ENABLED = False  # 2..4 rows
-DOT_PATH_ENABLED = False  # 5..16 rows
+#: False sends batches of 2..16 rows to the dense fallback. The batch kernels once returned
+#: wrong sums on an H100: in the split-K epilogue several threads can hold the same element
+#: of a reduced or tensor-core tile, and one thread's reset of the workspace could land before
+#: another's read of it. A barrier between the read and the reset fixed it (GPU self-check in
+#: benchmarks/kernels_h100.md).
+DOT_PATH_ENABLED = True
 
 
 def rows_pad(m: int) -> int:
-    """Rows the kernel is specialised for: 1, 2 and 4 (FMA paths) or 16 (tl.dot path)."""
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+    """Rows the kernel is specialised for: 1 (FMA path) or 16 (tl.dot path)."""
+    return 1 if m == 1 else 16
 
 
 def batch_path_enabled(m: int) -> bool:
-    p = rows_pad(m)
-    return p == 1 or (FEW_ROWS_PATH_ENABLED if p <= 4 else DOT_PATH_ENABLED)
+    return rows_pad(m) == 1 or DOT_PATH_ENABLED
+
+
 #: Used in the interpreter (no autotuning there) unless a test passes its own.
 INTERPRET_CONFIG = dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4)
 
@@ -288,11 +303,12 @@ def _prune(configs, named_args, **kwargs):
 
 
 _TUNERS: dict[int, object] = {}
+_LAST_COMPILED = None  # the last pinned-config launch (inspection of the generated code)
 
 
 def _tuned_kernel(m_pad: int):
     if m_pad not in _TUNERS:
-        configs = CONFIGS_M1 if m_pad == 1 else CONFIGS_FEW if m_pad <= 4 else CONFIGS_DOT
+        configs = CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT
         key = ["K", "N_TOTAL", "N0", "NUM_OUT", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY"]
         _TUNERS[m_pad] = rt.autotune(configs, key, prune=_prune)(_sparse_linear_kernel)
     return _TUNERS[m_pad]
@@ -374,7 +390,8 @@ def launch_sparse_linear(
     if config is not None:
         cfg = dict(config)
         assert cfg["BLOCK_N"] >= MIN_BLOCK_N
-        _sparse_linear_kernel[grid({**meta, **cfg})](*args, **meta, **cfg)
+        global _LAST_COMPILED
+        _LAST_COMPILED = _sparse_linear_kernel[grid({**meta, **cfg})](*args, **meta, **cfg)
     else:
         _tuned_kernel(m_pad)[grid](*args, **meta)
     return outs
