@@ -21,6 +21,7 @@ MLP weight bytes per token (log-linear interpolation between predictor rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -116,14 +117,55 @@ def mlp_bytes_per_token(sites, plan, sparsity: dict[str, float], dtype_bytes: in
             "ratio": round((total + pred) / dense, 5) if dense else None, "dtype_bytes": dtype_bytes}
 
 
+def _keep(sparsity: float, n: int) -> int:
+    return min(n, max(1, int(round((1.0 - sparsity) * n))))
+
+
+@contextlib.contextmanager
+def oracle_masks(model, sites, sparsity: float):
+    """Eager hooks: each gated MLP keeps the top (1 - s) n of |act(gate x) * up x| per token.
+
+    What a perfect predictor of the ``topk`` labels would give: the upper bound of the method
+    at this sparsity (it needs the dense gate and up to know the mask, so it saves no bytes
+    itself; it tells how much a better predictor could win).
+    """
+    import torch.nn.functional as F
+
+    from ..calibration.predictor import gated_mlps
+    from ..kernels.reference import activation
+
+    mods = dict(model.named_modules())
+    handles = []
+
+    def hook(s):
+        gate, up, down = mods[s.gate], mods[s.up], mods[s.module]
+        keep = _keep(sparsity, s.in_features)
+
+        def fn(mlp, args, out):
+            x = args[0]
+            h = activation(s.act, F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+            kth = torch.topk(h.abs(), keep, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+            return F.linear(torch.where(h.abs() >= kth, h, torch.zeros((), dtype=h.dtype)), down.weight, down.bias)
+        return fn
+
+    for s in gated_mlps(sites):
+        mlp = mods[s.module.rsplit(".", 1)[0]]
+        handles.append(mlp.register_forward_hook(hook(s)))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------------- per model
 
 
 def run_model(name: str, args, out: Path) -> dict:
     from .. import models
     from ..calibration import Calibrator, wikitext2_split
-    from ..calibration.predictor import PredictorConfig, PredictorTrainer
-    from ..calibration.sites import masked_sites
+    from ..calibration.predictor import PredictorConfig, PredictorTrainer, gated_mlps
+    from ..calibration.sites import masked_sites, trace_sites
 
     data = json.loads(out.read_text()) if args.resume and out.exists() else {}
     rows = data.get("rows", [])
@@ -144,48 +186,72 @@ def run_model(name: str, args, out: Path) -> dict:
         _log(f"{name}: dense")
         save({"model": name, "method": "dense", "target": None, "effective_sparsity": 0.0,
               "mlp_bytes": {"ratio": 1.0}, **_evaluate(model, tok, eval_text, args, tasks, None)})
-    t0 = time.perf_counter()
-    cal = Calibrator(model, cal_text, tok, methods=BYTE_METHODS, token_budget=args.calib_tokens,
-                     batch_size=args.batch_size, seq_len=args.window, seed=args.seed, progress=False,
-                     source=split["source"], cett_tokens=args.cett_tokens)
-    data["seconds"]["threshold_statistics"] = round(time.perf_counter() - t0, 1)
-    sites = cal.sites
+    lazy: dict = {}
+
+    def calibrator():
+        if "cal" not in lazy:
+            t0 = time.perf_counter()
+            lazy["cal"] = Calibrator(model, cal_text, tok, methods=BYTE_METHODS, token_budget=args.calib_tokens,
+                                     batch_size=args.batch_size, seq_len=args.window, seed=args.seed,
+                                     progress=False, source=split["source"], cett_tokens=args.cett_tokens)
+            data["seconds"]["threshold_statistics"] = round(time.perf_counter() - t0, 1)
+        return lazy["cal"]
+
+    def trainer():
+        if "trainer" not in lazy:
+            cfg = PredictorConfig(rank=args.rank, label=args.label, selection=args.selection, epochs=args.epochs,
+                                  lr=args.lr, seed=args.seed)
+            t0 = time.perf_counter()
+            tr = lazy["trainer"] = PredictorTrainer(model, cal_text, tok, config=cfg, token_budget=args.train_tokens,
+                                                    batch_size=args.batch_size, seq_len=args.window,
+                                                    progress=args.progress, source=split["source"])
+            data["seconds"]["predictor_inputs"] = round(time.perf_counter() - t0, 1)
+            data["predictor_config"] = {**vars(cfg), "label_sparsity": args.label_sparsity,
+                                        "train_tokens": tr.split,
+                                        "held_out_tokens": len(next(iter(tr.inputs.values()))) - tr.split}
+        return lazy["trainer"]
+
+    sites = trace_sites(model)
     total = sum(s.params for s in masked_sites(sites))
-    cfg = PredictorConfig(rank=args.rank, label=args.label, selection=args.selection, epochs=args.epochs,
-                          lr=args.lr, seed=args.seed)
-    t0 = time.perf_counter()
-    trainer = PredictorTrainer(model, cal_text, tok, config=cfg, token_budget=args.train_tokens,
-                               batch_size=args.batch_size, seq_len=args.window, progress=args.progress,
-                               source=split["source"])
-    data["seconds"]["predictor_inputs"] = round(time.perf_counter() - t0, 1)
-    data["predictor_config"] = {**vars(cfg), "label_sparsity": args.label_sparsity,
-                                "train_tokens": trainer.split,
-                                "held_out_tokens": len(next(iter(trainer.inputs.values()))) - trainer.split}
+    methods = [m for m in ("predictor", "cats", "oracle") if m in args.methods]
     for target in args.targets:
         # bytes of the threshold methods, from their plans' calibration-measured sparsities
         for method in BYTE_METHODS:
-            plan = cal.plan(method, target)
-            data["bytes"][f"{method}@{target}"] = {**mlp_bytes_per_token(sites, plan, plan.measured),
-                                                   "sparsity_from": "calibration (plan.measured)"}
-        for method in ("predictor", "cats"):
+            if f"{method}@{target}" not in data["bytes"]:
+                plan = calibrator().plan(method, target)
+                data["bytes"][f"{method}@{target}"] = {**mlp_bytes_per_token(sites, plan, plan.measured),
+                                                       "sparsity_from": "calibration (plan.measured)"}
+                save()
+        for method in methods:
             if (method, target) in done:
                 continue
             t0 = time.perf_counter()
-            if method == "predictor":
-                plan = trainer.plan(target, args.label_sparsity)
-                train_s = plan.info["predictor"]["train_seconds"]
-            else:
-                plan = cal.plan("cats", target)
             observer = Observer(total)
-            torch._dynamo.reset()
-            fwd = torch.compile(model, backend=ObservingBackend(plan, observer))
             row_tasks = tasks if method == "predictor" and any(abs(target - t) < 1e-9 for t in args.task_targets) \
                 else []
-            row = {"model": name, "method": method, "target": target, "overall_sparsity": plan.overall_sparsity,
-                   **_evaluate(fwd, tok, eval_text, args, row_tasks, observer)}
-            measured = measured_by_module(model, observer)
-            row["mlp_bytes"] = {**mlp_bytes_per_token(sites, plan, measured),
-                                "sparsity_from": "masks measured on the perplexity text"}
+            if method == "oracle":
+                with oracle_masks(model, sites, target):
+                    row = {"model": name, "method": method, "target": target,
+                           **_evaluate(model, tok, eval_text, args, [], None)}
+                ms = {m: target_sparsity for s in gated_mlps(sites) for m in (s.gate, s.up, s.module)
+                      for target_sparsity in [1 - _keep(target, s.in_features) / s.in_features]}
+                row["mlp_bytes"] = {**mlp_bytes_per_token(sites, None, ms),
+                                    "sparsity_from": "exact: top-k of each token"}
+                row["effective_sparsity"] = round(sum(ms.get(s.module, 0.0) * s.params for s in masked_sites(sites))
+                                                  / total, 4)
+            else:
+                if method == "predictor":
+                    plan = trainer().plan(target, args.label_sparsity)
+                    train_s = plan.info["predictor"]["train_seconds"]
+                else:
+                    plan = calibrator().plan("cats", target)
+                torch._dynamo.reset()
+                fwd = torch.compile(model, backend=ObservingBackend(plan, observer))
+                row = {"model": name, "method": method, "target": target, "overall_sparsity": plan.overall_sparsity,
+                       **_evaluate(fwd, tok, eval_text, args, row_tasks, observer)}
+                measured = measured_by_module(model, observer)
+                row["mlp_bytes"] = {**mlp_bytes_per_token(sites, plan, measured),
+                                    "sparsity_from": "masks measured on the perplexity text"}
             if method == "predictor":
                 info = plan.info["predictor"]
                 row["predictor"] = {k: info[k] for k in ("label_sparsity", "mean_recall", "mean_precision",
@@ -269,7 +335,9 @@ def markdown(result: dict) -> str:
              f"({cfg.get('threshold_calibration_tokens')} tokens); perplexity on {cfg.get('evaluation_text')}, first "
              f"{cfg.get('eval_tokens')} tokens in windows of {cfg.get('window')}; tasks: "
              f"{', '.join(cfg.get('tasks', []))}, {cfg.get('task_limit')} examples each at targets "
-             f"{cfg.get('task_targets')}. Target: {cfg.get('target_meaning')}. Bytes: {cfg.get('bytes')}.", ""]
+             f"{cfg.get('task_targets')}. Target: {cfg.get('target_meaning')}. Bytes: {cfg.get('bytes')}. "
+             "`oracle`: the top-k of |act(gate x) * up x| per token applied exactly (a perfect predictor of the "
+             "labels, predictor bytes not counted): the bound a better predictor could approach.", ""]
     for model, data in result.get("models", {}).items():
         rows = data.get("rows", [])
         pc = data.get("predictor_config", {})
@@ -334,9 +402,11 @@ def plot(result: dict, path: Path) -> None:
     for i, model in enumerate(models):
         rows = result["models"][model].get("rows", [])
         ax = axes[0][i]
-        for method, marker in (("predictor", "o"), ("cats", "s")):
+        for method, marker in (("predictor", "o"), ("cats", "s"), ("oracle", "^")):
             pts = sorted((r["mlp_bytes"]["ratio"], r["ppl"]) for r in rows if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                        label=method + (" (perfect predictor, bound)" if method == "oracle" else ""))
         dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
@@ -395,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train once on labels at this sparsity for every target (default: train per target)")
     add("--selection", default="topk", choices=["topk", "threshold"])
     add("--epochs", type=int, default=8)
+    add("--methods", nargs="+", default=["predictor", "cats", "oracle"], choices=["predictor", "cats", "oracle"],
+        help="rows to evaluate: predictor, cats, and the oracle top-k bound (default: all)")
     add("--lr", type=float, default=3e-3)
     add("--cett-tokens", type=int, default=256)
     add("--batch-size", type=int, default=4)
