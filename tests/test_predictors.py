@@ -328,3 +328,17 @@ def test_triton_gate_up_skips_masked_neurons():
     assert torch.all(h[~mask] == 0)
     want = activation("gelu_tanh", x @ w[0].t()) * (x @ w[1].t())
     torch.testing.assert_close(h[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+@triton_ok
+@pytest.mark.parametrize("m", [1, 2])
+def test_triton_wrapper_matches_reference(m):
+    """The dispatching wrapper the op calls on CUDA (kernel or dense fallback by the cost model)."""
+    from actsparse.kernels.triton import predicted_mlp as pk
+
+    x, mask, w, _ = _mlp_case(m, k=64, n=96, out=32, density=0.4)
+    for hint in (None, 0.5, 0.0):
+        got = pk.predicted_mlp(x, mask, *w, "silu", sparsity_hint=hint)
+        want = pk.predicted_mlp_triton_reference(x, mask, *w, "silu")
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)

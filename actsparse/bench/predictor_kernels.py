@@ -104,6 +104,63 @@ def run(d: int, f: int, rank: int, batches, sparsities, log) -> list[dict]:
     return rows
 
 
+def compile_check(log) -> dict:
+    """A tiny llama in bf16 on the GPU with a random predictor plan, compiled by the sparse backend
+    (Inductor, CUDA graphs), against the eager reference that applies the same predicted masks."""
+    import actsparse
+    from actsparse.kernels.predicted_ops import predicted_mask, predicted_mlp_reference
+    from actsparse.models import tiny
+    from actsparse.plan import SparsityPlan, fingerprint
+
+    torch.manual_seed(0)
+    model = tiny("llama", num_hidden_layers=2).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    preds, tensors = {}, {}
+    mods = dict(model.named_modules())
+    for name, mod in model.named_modules():
+        if hasattr(mod, "gate_proj") and hasattr(mod, "down_proj"):
+            n, d = mod.gate_proj.weight.shape
+            down = f"{name}.down_proj"
+            preds[down] = {"gate": f"{name}.gate_proj", "up": f"{name}.up_proj", "act": "silu", "rank": 8,
+                           "in_features": d, "neurons": n, "selection": "threshold", "keep": n // 2, "threshold": 0.0}
+            tensors.update({f"{down}.w1": torch.randn(8, d, generator=g), f"{down}.w2": torch.randn(n, 8, generator=g),
+                            f"{down}.b2": torch.zeros(n)})
+    plan = SparsityPlan(method="predictor", target=0.5, predictors=preds, predictor_tensors=tensors,
+                        model=fingerprint(model))
+    # down projections input-major before compiling (what actsparse.prepare does for CATS plans)
+    from actsparse.compiler.layout import to_input_major
+
+    for down in preds:
+        to_input_major(mods[down].weight)
+    be = actsparse.backend(plan, cudagraphs=True)
+    torch._dynamo.reset()
+    fwd = torch.compile(model.forward, backend=be)
+    ids = torch.randint(1, model.config.vocab_size, (1, 1), device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            got = fwd(input_ids=ids).logits.float()
+
+        handles = []
+        for down, sp in preds.items():
+            t = {k: v.to("cuda", torch.bfloat16) for k, v in tensors.items() if k.startswith(down)}
+
+            def hook(mlp, args, out, down=down, sp=sp, t=t):
+                x = args[0]
+                mask = predicted_mask(x, t[f"{down}.w1"], t[f"{down}.w2"], t[f"{down}.b2"], sp["keep"], 0.0, False)
+                return predicted_mlp_reference(x, mask, mods[sp["gate"]].weight, mods[sp["up"]].weight,
+                                               mods[down].weight, None, None, None, "silu")
+            handles.append(mods[down.rsplit(".", 1)[0]].register_forward_hook(hook))
+        want = model(input_ids=ids).logits.float()
+        for h in handles:
+            h.remove()
+        dense = model(input_ids=ids).logits.float()
+    err = float((got - want).norm() / want.norm())
+    diff_dense = float((dense - want).norm() / want.norm())
+    rules = sorted({s.rule for s in be.sites if s.rule.startswith("predictor")})
+    log(f"compile check: rel err vs eager reference {err:.2e} (dense differs by {diff_dense:.2e}); rules {rules}")
+    return {"rel_err": err, "dense_rel_diff": diff_dense, "rules": rules, "ok": err < 2e-2 and bool(rules)}
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Predicted-sparse MLP kernel on {result['device']}", "",
              f"`{result['command']}`  ", f"torch {result['torch']}, triton {result['triton']}, {result['date']}", "",
@@ -133,12 +190,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     p.add_argument("--out", default="benchmarks/predictor_kernels.json")
+    p.add_argument("--compile-check", action="store_true", help="only the compiled end-to-end check")
     args = p.parse_args(argv)
     import triton
 
     def log(msg):
         print(msg, flush=True)
 
+    if args.compile_check:
+        return 0 if compile_check(log)["ok"] else 1
     t0 = time.time()
     rows = run(args.d, args.f, args.rank, args.batches, args.sparsities, log)
     result = dict(command="PYTHONPATH=. python3 -m actsparse.bench.predictor_kernels " + " ".join(sys.argv[1:]),

@@ -52,6 +52,16 @@ def _registered(plan: SparsityPlan, pname: str, device: torch.device, dtype: tor
     return key
 
 
+def _reserve_down_buffers(device: torch.device, neurons: int, d_out: int) -> None:
+    """The down projection's split-K workspace, sized now, before CUDA graphs warm up in a pool."""
+    from ..kernels.triton import is_available
+
+    if is_available():
+        from ..kernels.triton.sparse_gemv import reserve_buffers
+
+        reserve_buffers(device, neurons, [d_out])
+
+
 def insert_predictors(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan) -> PredictorStats:
     """Rewrite ``gm`` in place for the plan's predictors; returns what was done."""
     stats = PredictorStats()
@@ -85,6 +95,8 @@ def insert_predictors(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan)
         device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
         dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
         key = _registered(plan, pname, device, dtype)
+        if device.type == "cuda":
+            _reserve_down_buffers(device, s.in_features, s.out_features)
         topk = spec["selection"] == "topk"
         hint = float(plan.measured.get(pname, plan.target or 0.0) or 0.0)
         with graph.inserting_before(s.node):
