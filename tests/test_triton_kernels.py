@@ -261,3 +261,38 @@ def test_cats_gate_up_h_matches():
     gate = gm._act_torch(x @ wg.t(), "gelu_tanh")
     ref = torch.where(gate.abs() > 0.2, gate * (x @ wu.t()), 0.0)
     torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- per-channel thresholds
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channel_thresholds(M, dtype):
+    """A 1-D fp32 tensor of K cutoffs per output replaces the scalar threshold (times the row
+    scale); outputs without one keep their scalar threshold."""
+    g = torch.Generator().manual_seed(40 + M)
+    K = 72
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ws = [weight(n, K, dtype, i != 1, g) for i, n in enumerate([56, 24, 40])]
+    bs = [torch.randn(56, generator=g).to(dtype), None, None]
+    ct0 = torch.rand(K, generator=g) * 1.5  # per-channel cutoffs, some channels nearly always on
+    ct0[::7] = 0.0
+    ct2 = torch.full((K,), 1e30)  # channel thresholds that drop everything
+    cts = [ct0, None, ct2]
+    ths = [123.0, 0.6, -1.0]  # ignored where a channel threshold is given
+    rs = (torch.rand(M, generator=g) + 0.5) if M != 3 else None
+    for cfg in (CONFIGS[0], CONFIGS[4]) + ((CONFIGS[1],) if M == 1 else ()):
+        out = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=cfg, channel_thresholds=cts)
+        ref = sg.sparse_linear_reference(x, ws, bs, ths, rs, channel_thresholds=cts)
+        for o, r in zip(out, ref):
+            assert_close(o, r, dtype)
+        assert torch.count_nonzero(out[2]) == 0
+    # the public wrapper, both paths
+    for hint in (None, 0.5):
+        out = tk.sparse_linear(x, ws, bs, ths, rs, sparsity_hint=hint, channel_thresholds=cts)
+        for o, r in zip(out, ref):
+            assert_close(o, r, dtype)
+    dense = sg.dense_sparse_linear(x, ws, bs, ths, rs, channel_thresholds=cts)
+    for o, r in zip(dense, ref):
+        torch.testing.assert_close(o.float(), r.float(), rtol=0.05, atol=0.05 * float(r.float().abs().max()) + 1e-3)

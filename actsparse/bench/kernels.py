@@ -282,19 +282,23 @@ def gpu_selfcheck(log) -> list:
     g = torch.Generator(device="cuda").manual_seed(0)
     out = []
 
-    def case(dtype, M, K, ns, cfg, row_scale):
+    def case(dtype, M, K, ns, cfg, row_scale, channel=False):
         x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
         ws = [(torch.randn(n, K, device="cuda", generator=g) / 8).to(dtype) for n in ns]
         ws = [w.t().contiguous().t() if j != 1 else w for j, w in enumerate(ws)]  # mixed layouts
         bs = [torch.randn(n, device="cuda", generator=g).to(dtype) if j != 1 else None for j, n in enumerate(ns)]
         ths = [0.3 + 0.5 * j for j in range(len(ns))]
         rs = torch.rand(M, device="cuda", generator=g) + 0.5 if row_scale else None
-        y = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=cfg)
+        cts = ([torch.rand(K, device="cuda", generator=g) * 1.5 if j != 1 else None for j in range(len(ns))]
+               if channel else None)
+        y = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=cfg, channel_thresholds=cts)
+        cut = ths if cts is None else [t if c is None else c for t, c in zip(ths, cts)]
         ref = [(sg.masked_input(x.float(), t, rs) @ w.float().t() + (b.float() if b is not None else 0))
-               for w, b, t in zip(ws, bs, ths)]
+               for w, b, t in zip(ws, bs, cut)]
         errs = [rel_err(a, r) for a, r in zip(y, ref)]
         ok = all(e < tol[dtype] for e in errs)
-        out.append(dict(kind="linear", dtype=str(dtype), M=M, K=K, ns=ns, config=cfg, errs=errs, ok=ok))
+        out.append(dict(kind="linear-channel-thresholds" if channel else "linear", dtype=str(dtype), M=M, K=K,
+                        ns=ns, config=cfg, errs=errs, ok=ok))
         if not ok:
             log(f"SELFCHECK FAIL linear {dtype} M={M} K={K} ns={ns} cfg={cfg} errs={errs}")
 
@@ -308,6 +312,8 @@ def gpu_selfcheck(log) -> list:
     for dtype in (torch.float16, torch.float32):
         for M, c in ((1, sg.CONFIGS_M1[0]), (3, sg.CONFIGS_DOT[0]), (16, sg.CONFIGS_DOT[-1])):
             case(dtype, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=True)
+    for M, c in ((1, sg.CONFIGS_M1[0]), (1, sg.CONFIGS_M1[-1]), (5, sg.CONFIGS_DOT[0])):
+        case(torch.bfloat16, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=M > 1, channel=True)
     # determinism: the same batch case five times; a race shows as differing outputs
     x = torch.randn(5, 4104, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(4096, 4104, device="cuda", generator=g) / 8).to(torch.bfloat16).t().contiguous().t()

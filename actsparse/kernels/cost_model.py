@@ -17,7 +17,7 @@ lambdified versions. Defaults are an H100 SXM measured on the device machine (co
 2.96 TB/s counting read + write, bf16 tensor-core rate about 790 TFLOP/s); the efficiencies and
 fixed costs are least-squares fits (time = bytes / (eta * BW) + T) to benchmarks/kernels_h100.json,
 whose times are per call inside a graph of back-to-back calls of a layer, as in a decode step
-(mean error: dense 2%, fallback 4%, sparse one row 7%, sparse 2..16 rows 10%).
+(mean error: dense 2%, fallback 4%, sparse one row 6%, sparse 2..16 rows 7%).
 
 Three ways to run a masked linear are modelled: dense cuBLAS on the usual row-major weight (the
 unmodified model), the sparse kernel, and the wrapper's dense fallback (mask, then `F.linear`
@@ -68,14 +68,14 @@ class Device:
     peak: float = 7.9e14  # FLOP/s, bf16 dense matmul
     # Efficiencies are fractions of the copy bandwidth (read + write counted), so a kernel that
     # only reads can exceed 1.
-    dense_efficiency: float = 1.05  # cuBLAS GEMV on a full layer
-    sparse_efficiency: float = 0.97  # sparse kernel, one row, on the weight rows it reads
-    fallback_efficiency: float = 0.98  # cuBLAS on input-major (transposed) storage
-    launch_overhead: float = 6.05e-6  # s, fixed cost of one layer call in a graph (see module doc)
-    sparse_overhead: float = 0.95e-6  # s, extra: compaction and split-K reduction latency
-    fallback_overhead: float = 8.55e-6  # s, extra: the masking launches before F.linear
-    batch_sparse_efficiency: float = 0.66  # sparse kernel, 2..16 rows (tensor-core path)
-    batch_sparse_overhead: float = 1.3e-6  # s, extra, 2..16 rows
+    dense_efficiency: float = 1.054  # cuBLAS GEMV on a full layer
+    sparse_efficiency: float = 1.022  # sparse kernel, one row, on the weight rows it reads
+    fallback_efficiency: float = 0.981  # cuBLAS on input-major (transposed) storage
+    launch_overhead: float = 6.06e-6  # s, fixed cost of one layer call in a graph (see module doc)
+    sparse_overhead: float = 0.43e-6  # s, extra: compaction and split-K reduction latency
+    fallback_overhead: float = 8.63e-6  # s, extra: the masking launches before F.linear
+    batch_sparse_efficiency: float = 0.796  # sparse kernel, 2..16 rows (tensor-core path)
+    batch_sparse_overhead: float = 0.71e-6  # s, extra, 2..16 rows
 
     def subs(self) -> dict:
         return {BW: self.bandwidth, PEAK: self.peak, E_DENSE: self.dense_efficiency,

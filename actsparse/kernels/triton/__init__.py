@@ -45,8 +45,13 @@ def sparse_linear(
     thresholds: Sequence[float],
     row_scale: Optional[torch.Tensor] = None,
     sparsity_hint: Optional[float] = None,
+    channel_thresholds: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> list[torch.Tensor]:
     """y_i = (x * (|x| > thresholds[i] * row_scale)) @ weights[i]^T + biases[i], one launch.
+
+    `channel_thresholds` (optional, one entry per output, each None or a 1-D fp32 tensor of K
+    per-channel thresholds) replaces the scalar threshold of that output: the cutoff of
+    x[m, k] is then channel_thresholds[i][k] * row_scale[m].
 
     x [M, K] (M <= 16 for the kernel; more rows go dense), weights 1..3 tensors [N_i, K] of
     any strides (fast: input-major, strides (1, N_i)), fp32 accumulation, outputs in x's dtype.
@@ -61,8 +66,9 @@ def sparse_linear(
         dense_better = sparsity_hint is not None and not cost_model.prefer_sparse(
             x.shape[0], k, n, float(sparsity_hint), weights[0].element_size(), against="fallback")
         if not dense_better:
-            return sparse_gemv.launch_sparse_linear(x, weights, biases, thresholds, row_scale, sparsity_hint)
-    return sparse_gemv.dense_sparse_linear(x, weights, biases, thresholds, row_scale)
+            return sparse_gemv.launch_sparse_linear(x, weights, biases, thresholds, row_scale, sparsity_hint,
+                                                    channel_thresholds=channel_thresholds)
+    return sparse_gemv.dense_sparse_linear(x, weights, biases, thresholds, row_scale, channel_thresholds)
 
 
 def gated_mlp_cats(

@@ -30,10 +30,13 @@ and one launch; each has its own threshold, weights, strides and bias, and its o
 grid axis 0.
 
 Status (H100, Triton 3.6, benchmarks/kernels_h100.md, per call inside a graph of back-to-back
-calls): exact against the fp32 reference at every batch (GPU self-check 51/51), 1.45-1.63x over
-cuBLAS at 50% sparsity and 3.6-4.3x at 90% on the large Llama-3-8B layers at batch 1. The
-batch kernels are correct but stream weights less efficiently than cuBLAS, so the cost model
-sends dense-union batches to the dense fallback.
+calls): exact against the fp32 reference at every batch (GPU self-check 57/57), 1.59-1.69x over
+cuBLAS at 50% sparsity and 4.2-4.4x at 90% on the large Llama-3-8B layers at batch 1. The
+weight rows stream at about the copy rate; what keeps 50% under the ideal 2x is a fixed cost
+of about 4.5 us per call over an empty kernel (x load and compaction before the first weight
+load, the counter round trip and the last program's read after the last one). The batch
+kernels are correct but stream weights less efficiently than cuBLAS, so the cost model sends
+dense-union batches to the dense fallback.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ MIN_BLOCK_N = 16  # the smallest BLOCK_N of any config: sizes the counter buffer
 
 @triton.jit
 def _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok, cutoff,
-               UNION_KNOWN: tl.constexpr):
+               CT, UNION_KNOWN: tl.constexpr, HAS_CT: tl.constexpr, W_EVICT: tl.constexpr = ""):
     """Issue the loads of one step: x[:, rows] and the weight rows some batch row needs.
 
     UNION_KNOWN: `valid` already marks exactly the rows some batch row needs (compacted list),
@@ -67,14 +70,18 @@ def _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, 
     """
     xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
                  mask=m_ok[:, None] & valid[None, :], other=0.0)  # [M_PAD, BLOCK_K]
-    keep = tl.abs(xg.to(tl.float32)) > cutoff[:, None]
+    if HAS_CT:  # per-channel thresholds: cutoff[m, k] = row cutoff * channel threshold
+        ct = tl.load(CT + rows, mask=valid, other=0.0)
+        keep = tl.abs(xg.to(tl.float32)) > cutoff[:, None] * ct[None, :]
+    else:
+        keep = tl.abs(xg.to(tl.float32)) > cutoff[:, None]
     if UNION_KNOWN:
         row_on = valid
     else:
         row_on = (tl.max(keep.to(tl.int32), axis=0) > 0) & valid  # union over the batch rows
     # A masked load issues no memory transaction: inactive rows cost nothing but the issue slot.
     w = tl.load(W + rows[:, None] * swk + offs_n[None, :] * swn,
-                mask=row_on[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+                mask=row_on[:, None] & n_ok[None, :], other=0.0, eviction_policy=W_EVICT)  # [BLOCK_K, BLOCK_N]
     return xg, keep, w
 
 
@@ -95,12 +102,13 @@ def _fma(acc, xg, keep, w, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
-                 W, swn, swk, B, Y, N, thr,
+                 W, swn, swk, B, Y, N, thr, CT,
                  blk, col0, cnt_idx, scr_base,
                  M, K, N_TOTAL,
                  HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-                 COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 IDX_CACHE: tl.constexpr, W_EVICT: tl.constexpr, HAS_CT: tl.constexpr):
     """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
     pid_k = tl.program_id(1)
     k0 = pid_k * CHUNK
@@ -130,7 +138,11 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                 c_m = thr
             row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
             xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
-            hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
+            if HAS_CT:  # the same fp32 products as in `_load_tile`, so the union matches
+                ctc = tl.load(CT + kc, mask=kc < K, other=0.0)
+                hit = (tl.abs(xr.to(tl.float32)) > c_m * ctc) & row_ok
+            else:
+                hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
             active = tl.maximum(active, hit.to(tl.int32))
         # 2. compact them: the i-th active channel goes to slot i of this chunk's scratch.
         # Every program of the same (output, chunk) writes the same list, so sharing is safe.
@@ -139,23 +151,27 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         scr = SCR + scr_base + k0
         tl.store(scr + pos, offs_c, mask=active > 0)
         tl.debug_barrier()  # the list is written by all threads, read back by all threads
+        # The list is read through L1 (IDX_CACHE "": the default caching). The barrier makes this
+        # program's stores visible to its own threads; other programs of the same chunk write
+        # the same values, so a line another program brought into L1 holds the same list.
+        # (Reading from L2 instead, ".cg", cost 10-25% at batch 1 on an H100.)
         # 3. walk the list, BLOCK_K active channels per step.
         offs_j = tl.arange(0, BLOCK_K)
-        idx = tl.load(scr + offs_j, mask=offs_j < n_act, other=0, cache_modifier=".cg")
+        idx = tl.load(scr + offs_j, mask=offs_j < n_act, other=0, cache_modifier=IDX_CACHE)
         if PREFETCH:
             # Software pipelining by hand: the loads of step j+1 are issued before the FMAs
             # of step j, and the indices two steps ahead, so two steps of weight rows are in
             # flight per program (Triton does not pipeline this data-dependent loop itself).
             xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, k0 + idx, offs_j < n_act,
-                                     offs_m, m_ok, offs_n, n_ok, cutoff, True)
+                                     offs_m, m_ok, offs_n, n_ok, cutoff, CT, True, HAS_CT, W_EVICT)
             nxt = BLOCK_K + offs_j
-            idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=".cg")
+            idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=IDX_CACHE)
             for j in range(0, n_act, BLOCK_K):
                 nj = j + BLOCK_K + offs_j
                 xg_n, keep_n, w_n = _load_tile(X, stride_xm, stride_xk, W, swn, swk, k0 + idx, nj < n_act,
-                                               offs_m, m_ok, offs_n, n_ok, cutoff, True)
+                                               offs_m, m_ok, offs_n, n_ok, cutoff, CT, True, HAS_CT, W_EVICT)
                 nn = nj + BLOCK_K
-                idx = tl.load(scr + nn, mask=nn < n_act, other=0, cache_modifier=".cg")
+                idx = tl.load(scr + nn, mask=nn < n_act, other=0, cache_modifier=IDX_CACHE)
                 if M_PAD > 1:
                     tl.debug_barrier()  # keep the dot's shared-memory staging apart between steps
                 acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
@@ -167,11 +183,11 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                 valid = (j + offs_j) < n_act
                 rows = k0 + idx
                 nxt = j + BLOCK_K + offs_j
-                idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=".cg")
+                idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=IDX_CACHE)
                 if M_PAD > 1:
                     tl.debug_barrier()
                 xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid,
-                                         offs_m, m_ok, offs_n, n_ok, cutoff, True)
+                                         offs_m, m_ok, offs_n, n_ok, cutoff, CT, True, HAS_CT, W_EVICT)
                 acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
     else:
         # TEAL-style: visit every channel of the chunk, predicate the weight loads on the mask.
@@ -179,7 +195,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         for kb in range(0, CHUNK, BLOCK_K):
             rows = k0 + kb + tl.arange(0, BLOCK_K)
             xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, rows < K,
-                                     offs_m, m_ok, offs_n, n_ok, cutoff, False)
+                                     offs_m, m_ok, offs_n, n_ok, cutoff, CT, False, HAS_CT, W_EVICT)
             acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
 
     if M_PAD == 1:
@@ -209,7 +225,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
 @triton.jit
 def _sparse_linear_kernel(
     X, RS, WS, CNT, SCR,
-    W0, W1, W2, B0, B1, B2, Y0, Y1, Y2,
+    W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, CT0, CT1, CT2,
     t0, t1, t2,
     N0, N1, N2,
     s_w0n, s_w0k, s_w1n, s_w1k, s_w2n, s_w2k,
@@ -218,8 +234,9 @@ def _sparse_linear_kernel(
     M_BUCKET, SPARSITY_KEY, DEVICE_KEY,  # only for the autotune key
     NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_CT0: tl.constexpr, HAS_CT1: tl.constexpr, HAS_CT2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
-    PREFETCH: tl.constexpr = True,
+    PREFETCH: tl.constexpr = True, IDX_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
 ):
     """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
     pointers and strides (no merged variables: strides keep their divisibility hints)."""
@@ -227,18 +244,21 @@ def _sparse_linear_kernel(
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
     if pid_n < nb0:
-        _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0,
+        _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0, CT0,
                      pid_n, 0, pid_n, 0, M, K, N_TOTAL,
-                     HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
+                     HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
+                     HAS_CT0)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
-            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1,
+            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1, CT1,
                          pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
-                         HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
+                         HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
+                     HAS_CT1)
         elif NUM_OUT >= 3:
-            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2,
+            _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2, CT2,
                          pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
-                         HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION)
+                         HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
+                     HAS_CT2)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
@@ -254,14 +274,17 @@ def _cfg(compact, chunk, block_k, block_n, warps, stages=1, prefetch=True):
 # without the hand-pipelined loop, plus the TEAL-style predicated tile that wins when almost
 # nothing is skipped. Chosen from an H100 sweep (benchmarks/kernels_h100.md).
 CONFIGS_M1 = [
+    _cfg(True, 256, 16, 512, 4, prefetch=False),
+    _cfg(True, 512, 16, 512, 4),
+    _cfg(True, 512, 16, 512, 4, prefetch=False),
     _cfg(True, 512, 16, 256, 2),
-    _cfg(True, 1024, 16, 512, 4),
-    _cfg(True, 256, 16, 256, 2),
-    _cfg(True, 1024, 32, 256, 4),
-    _cfg(True, 256, 32, 128, 4),
-    _cfg(True, 512, 64, 128, 4),
     _cfg(True, 512, 16, 256, 2, prefetch=False),
-    _cfg(True, 1024, 16, 512, 4, prefetch=False),
+    _cfg(True, 256, 16, 256, 2, prefetch=False),
+    _cfg(True, 1024, 16, 256, 2, prefetch=False),
+    _cfg(True, 1024, 16, 512, 4),
+    _cfg(True, 512, 32, 256, 2, prefetch=False),
+    _cfg(True, 256, 32, 256, 2, prefetch=False),
+    _cfg(True, 512, 64, 128, 4),
     _cfg(True, 256, 32, 128, 4, prefetch=False),
     _cfg(False, 32, 32, 256, 2),
     _cfg(False, 32, 32, 128, 2),
@@ -328,8 +351,13 @@ def launch_sparse_linear(
     sparsity_hint: Optional[float] = None,
     out_dtype: Optional[torch.dtype] = None,
     config: Optional[dict] = None,
+    channel_thresholds: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> list[torch.Tensor]:
-    """Always the Triton kernel (no dense fallback). `config` pins a config (tests, interpreter)."""
+    """Always the Triton kernel (no dense fallback). `config` pins a config (tests, interpreter).
+
+    `channel_thresholds[i]`, where given, is a 1-D fp32 tensor of K per-channel cutoffs that
+    replaces the scalar `thresholds[i]` (still multiplied by `row_scale` per row).
+    """
     assert x.dim() == 2, "x must be [M, K]"
     num_out = len(weights)
     assert 1 <= num_out <= MAX_OUTPUTS and len(biases) == num_out and len(thresholds) == num_out
@@ -356,6 +384,14 @@ def launch_sparse_linear(
     Y = pad(outs, outs[0])
     T = pad([float(t) for t in thresholds], 0.0)
     N = pad(ns, 0)
+    cts = list(channel_thresholds) if channel_thresholds is not None else [None] * num_out
+    assert len(cts) == num_out
+    for i, ct in enumerate(cts):
+        if ct is not None:
+            ct = ct.reshape(-1)
+            assert ct.numel() == K, f"channel_thresholds[{i}] must have K={K} entries, got {ct.numel()}"
+            cts[i] = ct.to(device=dev, dtype=torch.float32).contiguous()
+            T[i] = 1.0  # the kernel multiplies the row cutoff (1.0 * row_scale) by the channel's
     strides = []
     for w in W:
         strides += [w.stride(0), w.stride(1)]
@@ -369,17 +405,20 @@ def launch_sparse_linear(
 
     m_pad = rows_pad(M)
     ws = rt.zeroed_buffer("ws", M * n_total, torch.float32, dev)
+    CT = pad([ct if ct is not None else ws for ct in cts], ws)  # ws: an unread fp32 placeholder
     cnt = rt.zeroed_buffer("cnt", sum(triton.cdiv(n, MIN_BLOCK_N) for n in ns), torch.int32, dev)
     scr = rt.scratch_buffer("idx", num_out * K, torch.int32, dev)
 
-    args = [x, rs if rs is not None else ws, ws, cnt, scr, *W, *B, *Y, *T, *N, *strides,
+    args = [x, rs if rs is not None else ws, ws, cnt, scr, *W, *B, *Y, *CT, *T, *N, *strides,
             x.stride(0), x.stride(1), M, K, n_total,
             rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(dev)]
     meta = dict(NUM_OUT=num_out,
                 HAS_B0=bs[0] is not None,
                 HAS_B1=num_out > 1 and bs[1] is not None,
                 HAS_B2=num_out > 2 and bs[2] is not None,
-                HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_dtype))
+                HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_dtype),
+                HAS_CT0=cts[0] is not None, HAS_CT1=num_out > 1 and cts[1] is not None,
+                HAS_CT2=num_out > 2 and cts[2] is not None)
 
     def grid(meta_):
         bn = meta_["BLOCK_N"]
@@ -397,26 +436,41 @@ def launch_sparse_linear(
     return outs
 
 
-def masked_input(x: torch.Tensor, threshold: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x where |x| > threshold * row_scale[m] (compared in fp32), else 0; in x's dtype."""
+def masked_input(x: torch.Tensor, threshold, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x where |x| > threshold * row_scale[m] (compared in fp32), else 0; in x's dtype.
+
+    `threshold` is a float, or a 1-D tensor of K per-channel thresholds."""
     # fp32 tensor vs Python float compares in fp32, like the kernel; no host-to-device copy, so
     # this is safe inside CUDA graph capture
-    cutoff = float(threshold)
-    if row_scale is not None:
-        cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
+    if isinstance(threshold, torch.Tensor):
+        cutoff = threshold.reshape(1, -1).to(device=x.device, dtype=torch.float32)
+        if row_scale is not None:
+            cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
+    else:
+        cutoff = float(threshold)
+        if row_scale is not None:
+            cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
     return torch.where(x.abs().to(torch.float32) > cutoff, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def dense_sparse_linear(x, weights, biases, thresholds, row_scale=None) -> list[torch.Tensor]:
+def _cutoffs(thresholds, channel_thresholds):
+    if channel_thresholds is None:
+        return list(thresholds)
+    return [t if ct is None else ct for t, ct in zip(thresholds, channel_thresholds)]
+
+
+def dense_sparse_linear(x, weights, biases, thresholds, row_scale=None, channel_thresholds=None) -> list[torch.Tensor]:
     """The dense fallback: `F.linear` on the masked input, same weight storage (any layout)."""
-    return [F.linear(masked_input(x, t, row_scale), w, b) for w, b, t in zip(weights, biases, thresholds)]
+    return [F.linear(masked_input(x, t, row_scale), w, b)
+            for w, b, t in zip(weights, biases, _cutoffs(thresholds, channel_thresholds))]
 
 
-def sparse_linear_reference(x, weights, biases, thresholds, row_scale=None, sparsity_hint=None) -> list[torch.Tensor]:
+def sparse_linear_reference(x, weights, biases, thresholds, row_scale=None, sparsity_hint=None,
+                            channel_thresholds=None) -> list[torch.Tensor]:
     """Pure-torch reference: mask and multiply in fp32, cast to x's dtype at the end."""
     xf = x.to(torch.float32)
     outs = []
-    for w, b, t in zip(weights, biases, thresholds):
+    for w, b, t in zip(weights, biases, _cutoffs(thresholds, channel_thresholds)):
         y = masked_input(xf, t, row_scale) @ w.to(torch.float32).t()
         if b is not None:
             y = y + b.to(torch.float32)
