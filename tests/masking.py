@@ -17,7 +17,10 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     TEAL thresholds: a forward pre-hook masks the module's input. CATS thresholds: a forward
     hook on the MLP's activation module masks ``act(gate)``, so ``act * up`` is masked too.
     Statistical top-k: pre-hooks with the per-token cutoff on every non-head linear.
+    WINA plans (``score == "wina"``): the pre-hook's cutoff is per channel, ``t / ||W[:, i]||``.
     """
+    from actsparse.kernels.reference import wina_cutoffs
+
     handles = []
     mods = dict(model.named_modules())
 
@@ -30,8 +33,8 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     def stat(z):
         def hook(mod, args):
             x = args[0]
-            rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
-            return (torch.where(x.abs().float() > z * rms, x, torch.zeros((), dtype=x.dtype)),) + args[1:]
+            scale = x.float().abs().mean(-1, keepdim=True)
+            return (torch.where(x.abs().float() > z * scale, x, torch.zeros((), dtype=x.dtype)),) + args[1:]
         return hook
 
     def act_mask(t):
@@ -40,6 +43,9 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
         return hook
 
     for name, t in plan.thresholds.items():
+        if plan.score == "wina":
+            w = mods[name].weight
+            t = wina_cutoffs(w if isinstance(mods[name], torch.nn.Linear) else w.t(), t)
         handles.append(mods[name].register_forward_pre_hook(teal(t)))
     for down, t in plan.activation_thresholds.items():
         mlp = mods[down.rsplit(".", 1)[0]]

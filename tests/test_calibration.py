@@ -30,7 +30,7 @@ def calibrators():
     for arch in ("llama", "gpt2"):
         model = tiny(arch)
         cal = Calibrator(model, _tokens(3000, 0), token_budget=2048, seq_len=64, progress=False,
-                         cett_tokens=4096, greedy_step=0.04)
+                         cett_tokens=4096, greedy_step=0.04, wina=True)
         cal.greedy(0.5)  # one greedy path serves every target up to 0.5
         out[arch] = (model, cal)
     return out
@@ -245,6 +245,55 @@ def test_each_methods_plan_compiles_to_the_hook_reference(calibrators, arch, met
     assert be.masked_sites > 0
 
 
+@pytest.mark.parametrize("method", ["teal", "teal-greedy"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wina_plans_compile_to_the_hook_reference(calibrators, arch, method):
+    """WINA: thresholds on |x_i| * ||W[:, i]||, one per linear, masked the same way when compiled."""
+    model, cal = calibrators[arch]
+    plan = cal.plan(method, 0.4, wina=True)
+    assert plan.score == "wina" and plan.overall_sparsity == pytest.approx(0.4, abs=0.03)
+    qkv = [s.module for s in cal.sites if s.role == "attn_in"][:3]
+    if arch == "llama":  # q, k and v share an input but have their own WINA thresholds
+        assert len({plan.thresholds[m] for m in qkv}) > 1
+    g = torch.Generator().manual_seed(4)
+    ids, dec = torch.randint(3, 128, (2, 7), generator=g), torch.randint(3, 128, (1, 1), generator=g)[:1]
+    for batch_ids, batch_dec in ((ids, torch.randint(3, 128, (2, 1), generator=g)), (ids[:1], dec)):
+        be = actsparse.backend(plan, compiler="eager")
+        torch._dynamo.reset()
+        got = prefill_decode(torch.compile(model.forward, backend=be), model, batch_ids, batch_dec)
+        with masked(model, plan):
+            ref = prefill_decode(model.forward, model, batch_ids, batch_dec)
+        for x, y in zip(got, ref):
+            assert (x - y).abs().max() <= 2e-4 * y.abs().max() + 1e-5
+        rules = {s.rule.split(" ")[0] for s in be.sites if s.module in plan.thresholds}
+        assert be.masked_sites > 0 and rules == {"wina"}, rules
+
+
+def test_wina_sparsity_on_held_out_tokens(calibrators):
+    model, cal = calibrators["llama"]
+    plan = cal.plan("teal", 0.5, wina=True)
+    held_out = _tokens(4 * 128, seed=1).reshape(4, 128)
+    from actsparse.kernels.reference import wina_cutoffs
+    mods = dict(model.named_modules())
+    counts = {}
+
+    def hook(name, tau):
+        def pre(mod, args):
+            counts[name] = (args[0].abs().float() <= tau).float().mean().item()
+        return pre
+    hs = [mods[n].register_forward_pre_hook(hook(n, wina_cutoffs(mods[n].weight, t)))
+          for n, t in plan.thresholds.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=held_out)
+    finally:
+        for h in hs:
+            h.remove()
+    sites = [s for s in cal.sites if s.module in plan.thresholds]
+    got = sum(counts[s.module] * s.params for s in sites) / sum(s.params for s in sites)
+    assert got == pytest.approx(0.5, abs=0.03)
+
+
 # ------------------------------------------------------------------ plans and errors
 
 
@@ -269,8 +318,8 @@ def test_calibrate_shortcut_and_argument_errors():
         calibrate(model, _tokens(100, 0), "magic", progress=False)
     with pytest.raises(CalibrationError, match=r"\[0, 1\)"):
         calibrate(model, _tokens(100, 0), "teal", 1.5, progress=False)
-    with pytest.raises(NotImplementedError, match="channel_scales"):
-        calibrate(model, _tokens(100, 0), "teal", 0.5, wina=True, progress=False)
+    with pytest.raises(CalibrationError, match="teal and teal-greedy"):
+        calibrate(model, _tokens(100, 0), "cats", 0.5, wina=True, progress=False)
     with pytest.raises(CalibrationError, match="'cett' only"):
         calibrate(model, _tokens(100, 0), "teal", 0.5, error_budget=0.1, progress=False)
     with pytest.raises(CalibrationError, match="tokenizer"):
@@ -293,7 +342,6 @@ def _cli(*argv: str) -> argparse.Namespace:
     (("--method", "magic"), "unknown method"),
     (("--sparsity", "1.0"), "--sparsity"),
     (("--method", "teal", "--error-budget", "0.1"), "cett only"),
-    (("--method", "teal", "--wina"), "channel_scales"),
     (("--method", "cats", "--wina"), "teal or teal-greedy"),
     (("--tokens", "0"), "--tokens"),
     (("--data", "/nonexistent-dir"), "not found"),

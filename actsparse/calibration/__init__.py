@@ -9,14 +9,13 @@ budget), ``stat-topk`` (calibration-free statistical top-k). See methods.py.
 """
 
 from .histogram import LogHistogram, Statistics, collect_statistics
-from .methods import (CALIBRATION_ARTICLES, METHODS, WINA_NEEDS, CalibrationError, Calibrator, calibrate,
+from .methods import (CALIBRATION_ARTICLES, METHODS, CalibrationError, Calibrator, calibrate,
                       overall_sparsity, token_batches, wikitext2_split)
 from .sites import SiteRecord, trace_sites
 
 __all__ = [
     "CALIBRATION_ARTICLES",
     "METHODS",
-    "WINA_NEEDS",
     "CalibrationError",
     "Calibrator",
     "LogHistogram",

@@ -22,7 +22,7 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     add("--sparsity", type=float, default=0.5,
         help="target sparsity in [0, 1): of every masked linear input (teal, teal-greedy, stat-topk) "
              "or of MLP neurons (cats, cett) (default: %(default)s)")
-    add("--wina", action="store_true", help="score |x_i| * ||W[:, i]|| (teal, teal-greedy; not available yet)")
+    add("--wina", action="store_true", help="score |x_i| * ||W[:, i]|| (teal, teal-greedy)")
     add("--error-budget", type=float, default=None,
         help="cett: output-error budget (e.g. 0.2); without it the budget reaching --sparsity is searched")
     add("--tokens", type=int, default=16384, help="calibration token budget (default: %(default)s)")
@@ -46,7 +46,7 @@ class _UsageError(Exception):
 def _validate(args: argparse.Namespace) -> None:
     from ..eval.data import MissingDataError, data_path
     from ..models import parse_dtype
-    from .methods import METHODS, WINA_NEEDS
+    from .methods import METHODS
 
     if args.method not in METHODS:
         raise _UsageError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
@@ -60,7 +60,6 @@ def _validate(args: argparse.Namespace) -> None:
     if args.wina:
         if args.method not in ("teal", "teal-greedy"):
             raise _UsageError("--wina applies to --method teal or teal-greedy only")
-        raise _UsageError(WINA_NEEDS.replace("wina=True", "--wina"))
     for flag, value, low in (("--tokens", args.tokens, 1), ("--seq-len", args.seq_len, 2),
                              ("--batch-size", args.batch_size, 1), ("--calibration-articles",
                                                                     args.calibration_articles, 1)):
@@ -111,7 +110,7 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
         plan = calibrate(model, cal_text, args.method, args.sparsity, tokenizer,
                          token_budget=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                          error_budget=args.error_budget, progress=args.progress, seed=args.seed,
-                         source=split["source"])
+                         source=split["source"], wina=args.wina)
     except CalibrationError as e:
         print(f"actsparse calibrate: error: {e}", file=sys.stderr)
         return 2

@@ -81,11 +81,12 @@ def _first(out):
 def greedy_paths(model: torch.nn.Module, sites: list[SiteRecord], stats: Statistics,
                  batches: list[torch.Tensor], *, max_target: float, step: float = 0.02,
                  max_unit_step: float = 0.1, max_unit_sparsity: float = 0.99,
-                 progress: bool = False) -> dict[int | None, GreedyPath]:
+                 progress: bool = False, wina: bool = False) -> dict[int | None, GreedyPath]:
     """Run the greedy allocation of every block up to ``max_target`` block sparsity.
 
     ``step`` is the sparsity step of the block's largest linear; the others step by
     ``step * P_largest / P`` (parameter weighting), capped at ``max_unit_step``.
+    ``wina``: masks and thresholds on ``|x_i| * ||W[:, i]||`` (``stats.wina``) instead of ``|x_i|``.
     """
     by_block = blocks(sites)
     names = {}
@@ -107,13 +108,13 @@ def greedy_paths(model: torch.nn.Module, sites: list[SiteRecord], stats: Statist
         paths[b] = path
         _run_block(path, mods[names[b]], [mods[u] for u in path.units], inputs[names[b]], stats,
                    max_target=max_target, step=step, max_unit_step=max_unit_step,
-                   max_unit_sparsity=max_unit_sparsity)
+                   max_unit_sparsity=max_unit_sparsity, wina=wina)
     return paths
 
 
 def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.nn.Module],
                inputs: list, stats: Statistics, *, max_target: float, step: float,
-               max_unit_step: float, max_unit_sparsity: float) -> None:
+               max_unit_step: float, max_unit_sparsity: float, wina: bool = False) -> None:
     n = len(path.units)
     p = [float(x) for x in path.params]
     total = sum(p)
@@ -121,10 +122,13 @@ def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.n
     thresholds = [0.0] * n
     quantiles: dict[tuple[str, float], float] = {}
 
+    hists = [stats.wina[u] for u in path.units] if wina else [stats.abs[g] for g in path.groups]
+    scales = [stats.col_norms[u] for u in path.units] if wina else [None] * n
+
     def t_of(i: int, s: float) -> float:
-        key = (path.groups[i], round(s, 9))
+        key = (path.units[i] if wina else path.groups[i], round(s, 9))
         if key not in quantiles:
-            quantiles[key] = 0.0 if s <= 0 else stats.abs[path.groups[i]].quantile(min(s, 1.0))
+            quantiles[key] = 0.0 if s <= 0 else hists[i].quantile(min(s, 1.0))
         return quantiles[key]
 
     def mask_hook(i: int):
@@ -133,7 +137,8 @@ def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.n
             if t <= 0:
                 return None
             x = args[0]
-            return (torch.where(x.abs().float() > t, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
+            score = x.abs().float() if scales[i] is None else x.abs().float() * scales[i]
+            return (torch.where(score > t, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
         return pre
 
     handles = [m.register_forward_pre_hook(mask_hook(i)) for i, m in enumerate(unit_mods)]

@@ -107,14 +107,21 @@ def weight_in_out(mod: torch.nn.Module) -> torch.Tensor:
     return w.t() if isinstance(mod, torch.nn.Linear) else w
 
 
+def column_norms(mod: torch.nn.Module) -> torch.Tensor:
+    """||W[:, i]||_2 for each input channel i, in fp32: WINA's weight factor."""
+    return weight_in_out(mod).detach().double().norm(dim=1).float()
+
+
 @dataclass
 class Statistics:
     """What one calibration pass over the dense model gathered, per site.
 
     * ``abs[group]``: |x| of each shared linear input (TEAL thresholds).
-    * ``rel[group]``: |x| / rms(x) per token (statistical top-k's measured sparsity).
+    * ``rel[group]``: |x| / mean|x| per token (statistical top-k's measured sparsity).
     * ``act[down]``: |act(gate x)| of each gated MLP, or |down input| of a plain one (CATS).
     * ``cett[down]``: per-token prefix norms of truncated neuron contributions (CETT).
+    * ``wina[linear]``: |x_i| * ||W[:, i]|| per linear (WINA scores; each linear of a shared
+      input has its own, since the column norms differ), with ``col_norms[linear]``.
     """
 
     sites: list[SiteRecord]
@@ -122,6 +129,8 @@ class Statistics:
     rel: dict[str, LogHistogram] = field(default_factory=dict)
     act: dict[str, LogHistogram] = field(default_factory=dict)
     cett: dict[str, object] = field(default_factory=dict)
+    wina: dict[str, LogHistogram] = field(default_factory=dict)
+    col_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     sequences: int = 0
 
@@ -152,8 +161,11 @@ def collect_statistics(
                 stats.abs[group].update(x)
             if "rel" in what:
                 x2 = x.reshape(-1, x.shape[-1]).float()
-                rms = x2.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-                stats.rel[group].update(x2 / rms)
+                scale = x2.abs().mean(-1, keepdim=True).clamp_min(1e-30)
+                stats.rel[group].update(x2 / scale)
+            if "wina" in what:
+                for m in members[group]:
+                    stats.wina[m].update(x, scale=stats.col_norms[m])
         return hook
 
     def on_gate_output(down: str, act: str):
@@ -178,12 +190,17 @@ def collect_statistics(
                                             weight_in_out(mod).detach(), cett_stride)
         return hook
 
+    members = {g: [s.module for s in ms] for g, ms in groups(sites).items()}
     for group in groups(sites):
         if "abs" in what:
             stats.abs[group] = LogHistogram()
         if "rel" in what:
             stats.rel[group] = LogHistogram()
-        if "abs" in what or "rel" in what:
+        if "wina" in what:
+            for m in members[group]:
+                stats.wina[m] = LogHistogram()
+                stats.col_norms[m] = column_norms(mods[m])
+        if "abs" in what or "rel" in what or "wina" in what:
             handles.append(mods[group].register_forward_pre_hook(on_group_input(group)))
     for s in sites:
         if s.role != "mlp_down" or not ("act" in what or "cett" in what):

@@ -6,6 +6,10 @@
 * ``cett``: per MLP, the largest |act(gate)| threshold within an output-error budget (cett.py).
 * ``stat-topk``: statistical top-k, no calibration; the data only measures it (stat_topk.py).
 
+``wina=True`` (teal, teal-greedy) scores each input channel by ``|x_i| * ||W[:, i]||`` (WINA)
+instead of ``|x_i|``: each linear gets its own threshold on that score, and the plan's
+``score`` is ``"wina"`` so the backend masks the same way.
+
 The target means the sparsity of every masked linear input for teal, teal-greedy and
 stat-topk, and the MLP neuron sparsity (the fraction of up/down columns skipped) for cats and
 cett. ``overall_sparsity`` is comparable across methods: the parameter-weighted sparsity over
@@ -31,18 +35,12 @@ from .greedy import GreedyPath, greedy_paths
 from .histogram import Statistics, collect_statistics
 from .sites import SiteRecord, masked_sites, trace_sites
 from .stat_topk import stat_topk_measured
-from .teal import teal_rules
+from .teal import teal_rules, wina_rules
 
 METHODS = ("teal", "teal-greedy", "cats", "cett", "stat-topk")
 CALIBRATION_ARTICLES = 10  # WikiText-2 test articles 0-9 calibrate; articles 10+ evaluate
 _NEEDS = {"teal": ("abs",), "teal-greedy": ("abs",), "cats": ("act",), "cett": ("act", "cett"),
           "stat-topk": ("rel",)}
-WINA_NEEDS = (
-    "wina=True is not available yet: WINA masks |x_i| * ||W[:, i]||_2 > t, i.e. a per-channel "
-    "threshold t / ||W[:, i]|| for each linear, and SparsityPlan and the backend support only one "
-    "scalar threshold per linear. It needs SparsityPlan.channel_scales: dict[module, list[float]] "
-    "(c_i = ||W[:, i]||_2) and sparse_linear masking |x_i| * c_i > t (reference, passes, kernels)."
-)
 
 
 class CalibrationError(ValueError):
@@ -144,7 +142,8 @@ class Calibrator:
     def __init__(self, model: torch.nn.Module, tokens_or_texts, tokenizer=None, *,
                  methods: Sequence[str] = METHODS, token_budget: int = 16384, batch_size: int = 4,
                  seq_len: int = 512, seed: int = 0, progress: bool = True, source: str | None = None,
-                 cett_tokens: int = 256, greedy_tokens: int = 256, greedy_step: float = 0.02) -> None:
+                 cett_tokens: int = 256, greedy_tokens: int = 256, greedy_step: float = 0.02,
+                 wina: bool = False) -> None:
         for m in methods:
             if m not in METHODS:
                 raise CalibrationError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
@@ -156,27 +155,29 @@ class Calibrator:
         self.sites = trace_sites(model)
         if not masked_sites(self.sites):
             raise CalibrationError("no maskable linear layer found in the model's traced graph")
-        what = tuple(sorted({w for m in methods for w in _NEEDS[m]}))
+        what = tuple(sorted({w for m in methods for w in _NEEDS[m]} | ({"wina"} if wina else set())))
         self.what = what
         self.stats: Statistics = collect_statistics(
             model, self.sites, self.batches, what=what, cett_tokens=cett_tokens,
             total_tokens=self.data_info["tokens"], progress=progress)
         self.cett_tokens = cett_tokens
-        self._greedy: tuple[float, dict[int | None, GreedyPath]] | None = None
+        self._greedy: dict[bool, tuple[float, dict[int | None, GreedyPath]]] = {}
         self.fingerprint = fingerprint(model)
 
     # ------------------------------------------------------------------ greedy
-    def greedy(self, max_target: float) -> dict[int | None, GreedyPath]:
+    def greedy(self, max_target: float, wina: bool = False) -> dict[int | None, GreedyPath]:
         """The greedy paths up to ``max_target`` (computed once, reused for lower targets)."""
-        if self._greedy is None or self._greedy[0] < max_target:
+        hit = self._greedy.get(wina)
+        if hit is None or hit[0] < max_target:
             seqs = torch.cat(self.batches)
             length = min(seqs.shape[1], 256)
             count = max(1, min(len(seqs), self.greedy_tokens // length))
             paths = greedy_paths(self.model, self.sites, self.stats, [seqs[:count, :length]],
-                                 max_target=max_target, step=self.greedy_step, progress=self.progress)
-            self._greedy = (max_target, paths)
+                                 max_target=max_target, step=self.greedy_step, progress=self.progress,
+                                 wina=wina)
+            self._greedy[wina] = hit = (max_target, paths)
             self._greedy_shape = (count, length)
-        return self._greedy[1]
+        return hit[1]
 
     # ------------------------------------------------------------------ plans
     def plan(self, method: str, sparsity: float | None = 0.5, *, error_budget: float | None = None,
@@ -190,7 +191,8 @@ class Calibrator:
         if wina:
             if method not in ("teal", "teal-greedy"):
                 raise CalibrationError("wina applies to the teal and teal-greedy methods only")
-            raise NotImplementedError(WINA_NEEDS)
+            if "wina" not in self.what:
+                raise CalibrationError("this Calibrator gathered no WINA statistics; create it with wina=True")
         if error_budget is not None and method != "cett":
             raise CalibrationError("error_budget applies to method 'cett' only")
         if error_budget is None or method != "cett":
@@ -199,14 +201,15 @@ class Calibrator:
         thresholds: dict[str, float] = {}
         acts: dict[str, float] = {}
         if method == "teal":
-            thresholds, measured = teal_rules(self.sites, self.stats, sparsity)
+            rules = wina_rules if wina else teal_rules
+            thresholds, measured = rules(self.sites, self.stats, sparsity)
             scope = "every masked linear input"
         elif method == "teal-greedy":
-            paths = self.greedy(max(sparsity, 1e-9))
+            paths = self.greedy(max(sparsity, 1e-9), wina=wina)
             measured = {}
             for path in paths.values():
                 for unit, group, s in zip(path.units, path.groups, path.at(sparsity)):
-                    hist = self.stats.abs[group]
+                    hist = self.stats.wina[unit] if wina else self.stats.abs[group]
                     thresholds[unit] = hist.quantile(s) if s > 0 else 0.0
                     measured[unit] = hist.cdf(thresholds[unit])
             info["greedy"] = {"step": self.greedy_step, "sequences": self._greedy_shape[0],
@@ -228,7 +231,7 @@ class Calibrator:
             scope = "every masked linear input"
         if method != "stat-topk":
             plan = SparsityPlan(thresholds=thresholds, activation_thresholds=acts, method=method,
-                                target=sparsity)
+                                target=sparsity, score="wina" if wina else "abs")
         plan.method, plan.target = method, sparsity
         plan.model = self.fingerprint
         plan.roles = {s.module: s.role for s in masked_sites(self.sites)}
@@ -286,13 +289,12 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
         raise CalibrationError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if wina and method not in ("teal", "teal-greedy"):
         raise CalibrationError("wina applies to the teal and teal-greedy methods only")
-    if wina:
-        raise NotImplementedError(WINA_NEEDS)
     if error_budget is not None and method != "cett":
         raise CalibrationError("error_budget applies to method 'cett' only")
     if error_budget is None or method != "cett":
         _check_sparsity(sparsity)
     cal = Calibrator(model, tokens_or_texts, tokenizer, methods=(method,), token_budget=token_budget,
                      batch_size=batch_size, seq_len=seq_len, seed=seed, progress=progress, source=source,
-                     cett_tokens=cett_tokens, greedy_tokens=greedy_tokens, greedy_step=greedy_step)
-    return cal.plan(method, sparsity, error_budget=error_budget)
+                     cett_tokens=cett_tokens, greedy_tokens=greedy_tokens, greedy_step=greedy_step,
+                     wina=wina)
+    return cal.plan(method, sparsity, error_budget=error_budget, wina=wina)

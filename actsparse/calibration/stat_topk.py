@@ -1,7 +1,8 @@
-"""Statistical top-k: no calibration, a per-token cutoff rms(x) * Phi^-1((1 + s) / 2).
+"""Statistical top-k: no calibration, a per-token cutoff ``multiplier * mean|x|``.
 
-The plan is ``SparsityPlan.statistical``; calibration data only measures the sparsity it
-really gives, which departs from the target where site inputs are not Gaussian.
+The plan is ``SparsityPlan.statistical`` (see ``StatTopK`` for the assumed shapes); calibration
+data only measures the sparsity it really gives, which departs from the target where site
+inputs do not have the assumed shape.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .sites import SiteRecord, groups
 
 
 def stat_topk_measured(sites: list[SiteRecord], stats: Statistics, rule: StatTopK) -> dict[str, float]:
-    """Sparsity per masked linear: the fraction of |x| / rms(x) at or below the multiplier."""
+    """Sparsity per masked linear: the fraction of |x| / mean|x| at or below the multiplier."""
     measured = {}
     z = rule.multiplier if rule.sparsity > 0 else 0.0
     for group, members in groups(sites).items():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu as _cpu
 from .reference import activation, input_mask
 
 #: Token rows up to which the CPU op skips inactive weight rows instead of running dense.
@@ -61,11 +62,9 @@ def _gather_rows(w: Tensor, idx: Tensor) -> Tensor:
 
 def _native_cpu(x2: Tensor, w: Tensor):
     """The native CPU kernel module if it applies to (x2, w), else None."""
-    if x2.is_cuda or x2.shape[0] > GATHER_MAX_ROWS or x2.dtype != w.dtype or not w.t().is_contiguous():
+    if x2.shape[0] > GATHER_MAX_ROWS or x2.dtype != w.dtype or x2.is_cuda or not w.t().is_contiguous():
         return None
-    from . import cpu
-
-    return cpu if cpu.load() is not None else None
+    return _cpu if _cpu.load() is not None else None
 
 
 def _linear_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], mask: Tensor) -> Tensor:
@@ -89,7 +88,7 @@ def _sparse_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], t: float, per_token:
     if native is None:
         return None
     if per_token:  # one cutoff per row: one call per row
-        scale = _rms(x2)
+        scale = _row_scale(x2)
         y = torch.cat([native.input_sparse_linear(x2[i:i + 1], w.t(), t * float(scale[i]))
                        for i in range(x2.shape[0])])
     else:
@@ -97,8 +96,23 @@ def _sparse_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], t: float, per_token:
     return y if b is None else y + b
 
 
-@torch.library.custom_op("actsparse::sparse_linear", mutates_args=())
-def sparse_linear(
+# The ops are declared with the low-level ``torch.library.Library`` API rather than
+# ``torch.library.custom_op``: same schema, fake and torch.compile behaviour, but a call from a
+# compiled graph into the Python kernel costs a few microseconds instead of tens (custom_op adds
+# Python autograd and device-dispatch layers), and a decoder makes about four calls per layer
+# per token. CompositeExplicitAutograd: one Python kernel for every device, which picks its
+# path; no autograd formula (inference only).
+_LIB = torch.library.Library("actsparse", "FRAGMENT")
+_LIB.define("sparse_linear(Tensor x, Tensor[] weights, Tensor?[] biases, float[] thresholds, "
+            "bool per_token, float sparsity_hint) -> Tensor[]")
+_LIB.define("channel_sparse_linear(Tensor x, Tensor[] weights, Tensor?[] biases, "
+            "int[] cutoff_ids, float sparsity_hint) -> Tensor[]")
+_LIB.define("gated_mlp(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, "
+            "Tensor? b_up, Tensor? b_down, str act, float threshold, bool per_token, "
+            "float sparsity_hint) -> Tensor")
+
+
+def _sparse_linear(
     x: Tensor,
     weights: list[Tensor],
     biases: list[Optional[Tensor]],
@@ -106,7 +120,7 @@ def sparse_linear(
     per_token: bool,
     sparsity_hint: float,
 ) -> list[Tensor]:
-    """Linears sharing one input, each on ``x * (|x| > t_i)`` (per_token: ``t_i * rms(x)``)."""
+    """Linears sharing one input, each on ``x * (|x| > t_i)`` (per_token: ``t_i * mean|x|``)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
@@ -114,7 +128,7 @@ def sparse_linear(
     if tri is not None:
         outs = tri.sparse_linear(
             x2.contiguous(), list(weights), list(biases), list(thresholds),
-            row_scale=None if not per_token else _rms(x2), sparsity_hint=sparsity_hint,
+            row_scale=None if not per_token else _row_scale(x2), sparsity_hint=sparsity_hint,
         )
     else:
         outs, masks = [], {}
@@ -132,18 +146,62 @@ def sparse_linear(
     return [o.reshape(*lead, o.shape[-1]) for o in outs]
 
 
-def _rms(x2: Tensor) -> Tensor:
-    return x2.float().pow(2).mean(dim=-1).sqrt()
-
-
-@sparse_linear.register_fake
-def _(x, weights, biases, thresholds, per_token, sparsity_hint):
+def _sparse_linear_fake(x, weights, biases, thresholds, per_token, sparsity_hint):
     lead = x.shape[:-1]
     return [x.new_empty(*lead, w.shape[0]) for w in weights]
 
 
-@torch.library.custom_op("actsparse::gated_mlp", mutates_args=())
-def gated_mlp(
+#: Per-channel cutoff vectors of compiled WINA sites, by id (graph constants would need to
+#: be graph inputs or module attributes, which Dynamo graphs do not take after tracing).
+CHANNEL_CUTOFFS: dict[int, Tensor] = {}
+
+
+def register_channel_cutoffs(cutoffs: Tensor) -> int:
+    """Keep a per-channel cutoff vector for ``channel_sparse_linear``; returns its id."""
+    key = len(CHANNEL_CUTOFFS)
+    CHANNEL_CUTOFFS[key] = cutoffs
+    return key
+
+
+def _channel_sparse_linear(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Optional[Tensor]],
+    cutoff_ids: list[int],
+    sparsity_hint: float,
+) -> list[Tensor]:
+    """Linears sharing one input, each on ``x * (|x| > tau_i)`` with one cutoff per channel.
+
+    WINA plans reach here: masking ``|x_k| * ||W[:, k]|| > t`` is ``|x_k| > t / ||W[:, k]||``;
+    ``cutoff_ids`` name the vectors in ``CHANNEL_CUTOFFS``. On the CPU the native kernel skips
+    inactive rows; elsewhere the mask is applied and the matmul runs dense (no Triton kernel
+    takes per-channel cutoffs yet).
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    outs = []
+    for w, b, key in zip(weights, biases, cutoff_ids):
+        tau = CHANNEL_CUTOFFS[key]
+        if tau.device != x.device:
+            tau = CHANNEL_CUTOFFS[key] = tau.to(x.device)
+        y = _sparse_cpu(x2, w, b, 0.0, False, tau) if not x.is_cuda else None
+        if y is None:
+            mask = x2.abs().float() > tau
+            y = F.linear(torch.where(mask, x2, _zero(x2)), w, b)
+        outs.append(y.reshape(*lead, y.shape[-1]))
+    return outs
+
+
+def _channel_sparse_linear_fake(x, weights, biases, cutoff_ids, sparsity_hint):
+    lead = x.shape[:-1]
+    return [x.new_empty(*lead, w.shape[0]) for w in weights]
+
+
+def _row_scale(x2: Tensor) -> Tensor:
+    return x2.float().abs().mean(dim=-1)
+
+
+def _gated_mlp(
     x: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
@@ -183,6 +241,19 @@ def gated_mlp(
     return out.reshape(*lead, out.shape[-1])
 
 
-@gated_mlp.register_fake
-def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, threshold, per_token, sparsity_hint):
+def _gated_mlp_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, threshold, per_token, sparsity_hint):
     return x.new_empty(*x.shape[:-1], w_down.shape[0])
+
+
+for _name, _impl, _fake in (("sparse_linear", _sparse_linear, _sparse_linear_fake),
+                            ("channel_sparse_linear", _channel_sparse_linear, _channel_sparse_linear_fake),
+                            ("gated_mlp", _gated_mlp, _gated_mlp_fake)):
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"actsparse::{_name}", _fake, lib=_LIB)
+
+#: ``actsparse::sparse_linear``: TEAL masks (or per-token statistical cutoffs), shared input.
+sparse_linear = torch.ops.actsparse.sparse_linear.default
+#: ``actsparse::channel_sparse_linear``: one cutoff per input channel (WINA), shared input.
+channel_sparse_linear = torch.ops.actsparse.channel_sparse_linear.default
+#: ``actsparse::gated_mlp``: CATS, the activation mask skips up rows and down columns.
+gated_mlp = torch.ops.actsparse.gated_mlp.default

@@ -28,21 +28,32 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
 
 
-def row_rms(x2d: torch.Tensor) -> torch.Tensor:
-    """Per-token RMS in fp32: the scale for per-token (statistical top-k) cutoffs."""
-    return x2d.float().pow(2).mean(dim=-1).sqrt()
+def row_scale(x2d: torch.Tensor) -> torch.Tensor:
+    """Per-token mean |x| in fp32: the scale of per-token (statistical top-k) cutoffs."""
+    return x2d.float().abs().mean(dim=-1)
 
 
 def input_mask(x2d: torch.Tensor, threshold: float, per_token: bool) -> torch.Tensor:
-    """TEAL mask ``|x| > t``, compared in fp32; with ``per_token`` the cutoff is ``t * rms(row)``.
+    """TEAL mask ``|x| > t``, compared in fp32; with ``per_token`` the cutoff is ``t * mean|row|``.
 
     Comparing in fp32 (not in the input's dtype) keeps every implementation, including the
     Triton kernels that load bf16 and compare in fp32, bit-for-bit on the same mask.
     """
     mag = x2d.abs().float()
     if per_token:
-        return mag > threshold * row_rms(x2d).unsqueeze(-1)
+        return mag > threshold * row_scale(x2d).unsqueeze(-1)
     return mag > threshold
+
+
+def wina_cutoffs(weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-input-channel cutoffs ``t / ||W[:, i]||`` of a WINA rule, for an nn.Linear weight.
+
+    Computed in float64 and rounded once to fp32, so the result does not depend on the weight's
+    memory layout (a reduction's rounding does); a zero column never activates (cutoff inf).
+    """
+    norms = weight.detach().double().norm(dim=0)
+    tau = torch.where(norms > 0, threshold / norms.clamp_min(1e-300), torch.full_like(norms, float("inf")))
+    return tau.float()
 
 
 def sparse_linear_reference(

@@ -5,6 +5,10 @@
   so it becomes an input threshold on the down projection).
 * Input thresholds (TEAL) and statistical top-k rules group the linears that share one input
   and replace them with one ``actsparse::sparse_linear`` call, one output per linear.
+* With a WINA plan (``plan.score == "wina"``) the threshold t of a linear applies to
+  ``|x_i| * ||W[:, i]||``; the rewrite computes the per-channel cutoffs ``t / ||W[:, i]||`` once
+  from the weights being compiled, registers them with the op module, and calls
+  ``actsparse::channel_sparse_linear``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..plan import SparsityPlan
 from .sites import Site
 
 sparse_linear_op = torch.ops.actsparse.sparse_linear.default
+channel_sparse_linear_op = torch.ops.actsparse.channel_sparse_linear.default
 gated_mlp_op = torch.ops.actsparse.gated_mlp.default
 
 
@@ -65,6 +70,31 @@ def _weight_arg(graph: fx.Graph, site: Site) -> fx.Node:
         return site.weight
     with graph.inserting_before(site.node):
         return graph.call_method("t", (site.weight,))
+
+
+def _weight_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The real weight tensor behind a graph node (a Dynamo input or a module attribute)."""
+    if node.op == "placeholder":
+        arg = node.meta.get("grapharg")
+        value = getattr(arg, "example", None)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return value
+    elif node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value
+    raise ValueError(f"a WINA plan needs the weight values at compile time; {node.name} has none "
+                     "(compile the model itself with backend='sparse')")
+
+
+def _channel_cutoffs(gm: fx.GraphModule, site: Site, t: float) -> int:
+    """Register ``t / ||W[:, i]||`` for each input channel i of the site; returns its id."""
+    from ..kernels.ops import register_channel_cutoffs
+    from ..kernels.reference import wina_cutoffs
+
+    w = _weight_value(gm, site.weight).detach()
+    return register_channel_cutoffs(wina_cutoffs(w if site.kind == "linear" else w.t(), t))
 
 
 def _replace(site: Site, new: fx.Node) -> None:
@@ -149,6 +179,7 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
         elif st is not None and s.role in st.roles and st.sparsity > 0:
             groups[s.input].append((s, st.multiplier, True))
 
+    wina = plan.score == "wina"
     for x, members in groups.items():
         # per-token (statistical) and fixed thresholds never share one call
         for per_token in (False, True):
@@ -156,11 +187,18 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
             if not part:
                 continue
             first = min((m[0].node for m in part), key=_order(graph))
+            channel = wina and not per_token
             with graph.inserting_before(first):
                 weights = [_weight_arg(graph, m[0]) for m in part]
-                call = graph.call_function(sparse_linear_op, (
-                    x, weights, [m[0].bias for m in part], [m[1] for m in part], per_token,
-                    max(hint(names.get(m[0].module, m[0].module)) for m in part)))
+                sparsity_hint = max(hint(names.get(m[0].module, m[0].module)) for m in part)
+                if channel:
+                    cutoffs = [_channel_cutoffs(gm, m[0], m[1]) for m in part]
+                    call = graph.call_function(channel_sparse_linear_op, (
+                        x, weights, [m[0].bias for m in part], cutoffs, sparsity_hint))
+                else:
+                    call = graph.call_function(sparse_linear_op, (
+                        x, weights, [m[0].bias for m in part], [m[1] for m in part], per_token,
+                        sparsity_hint))
             for i, (s, t, _) in enumerate(part):
                 with graph.inserting_after(call):
                     item = graph.call_function(operator.getitem, (call, i))
@@ -168,7 +206,7 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
                 _replace(s, item)
                 orphans.extend(s.node.all_input_nodes)
                 graph.erase_node(s.node)
-                s.rule = ("stat-topk z=" if per_token else "teal t=") + f"{t:.4g}" + \
+                s.rule = ("stat-topk z=" if per_token else "wina t=" if channel else "teal t=") + f"{t:.4g}" + \
                     (f" (shared x{len(part)})" if len(part) > 1 else "")
             stats.sparse_linear_calls += 1
             stats.masked_sites += len(part)
