@@ -66,7 +66,8 @@ def mark_input_major(gm: fx.GraphModule, ctx: PassContext) -> None:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is torch.ops.actsparse.sparse_linear.default:
+        if node.target in (torch.ops.actsparse.sparse_linear.default,
+                           torch.ops.actsparse.channel_sparse_linear.default):
             wanted.update(w for w in node.args[1] if w.op == "placeholder")
         elif node.target is torch.ops.actsparse.gated_mlp.default:
             wanted.add(node.args[3])  # down: input-sparse; up stays row-major (output-sparse)
