@@ -34,6 +34,13 @@ import torch
 
 TASKS = ("piqa", "arc_easy", "winogrande")
 TARGETS = (0.25, 0.4, 0.5, 0.6)
+#: Row labels for WINA scores on top of a TEAL method (``calibrate(..., wina=True)``).
+WINA_METHODS = {"teal+wina": "teal", "teal-greedy+wina": "teal-greedy"}
+
+
+def base_method(label: str) -> tuple[str, bool]:
+    """(calibration method, wina) of a row label."""
+    return (WINA_METHODS[label], True) if label in WINA_METHODS else (label, False)
 
 
 # ---------------------------------------------------------------------------------- observing
@@ -68,6 +75,15 @@ class MaskObserver:
         for w, t in zip(weights, thresholds):
             self._add(w, input_mask(x2, t, per_token))
 
+    def channel(self, x, weights, biases, cutoff_ids, hint=None):
+        if not self.active:
+            return
+        from ..kernels.ops import CHANNEL_CUTOFFS
+
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        for w, key in zip(weights, cutoff_ids):
+            self._add(w, x2.abs().float() > CHANNEL_CUTOFFS[key])
+
     def gated(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, t, per_token=False, hint=None):
         if not self.active:
             return
@@ -97,10 +113,11 @@ class ObservingBackend:
 
     def __call__(self, gm, example_inputs):
         self.inner(gm, example_inputs)  # rewrites gm in place
-        linear_op = torch.ops.actsparse.sparse_linear.default
-        gated_op = torch.ops.actsparse.gated_mlp.default
+        fns = {torch.ops.actsparse.sparse_linear.default: self.observer.linear,
+               torch.ops.actsparse.channel_sparse_linear.default: self.observer.channel,
+               torch.ops.actsparse.gated_mlp.default: self.observer.gated}
         for node in list(gm.graph.nodes):
-            fn = {linear_op: self.observer.linear, gated_op: self.observer.gated}.get(node.target)
+            fn = fns.get(node.target)
             if node.op == "call_function" and fn is not None:
                 with gm.graph.inserting_before(node):
                     gm.graph.call_function(fn, node.args, node.kwargs)
@@ -169,15 +186,19 @@ def run_model(name: str, args, out: Path) -> dict:
               "effective_sparsity": 0.0, **_evaluate(model, tok, eval_text, args, tasks, None)})
         _log(f"{name}: dense ppl {rows[-1]['ppl']:.3f}")
     t0 = time.perf_counter()
-    cal = Calibrator(model, cal_text, tok, methods=args.methods, token_budget=args.calib_tokens,
+    # with --resume, only the methods that still have rows to make are calibrated
+    pending = [m for m in args.methods if any((m, t) not in done for t in args.targets)] or list(args.methods)
+    bases = sorted({base_method(m)[0] for m in pending})
+    cal = Calibrator(model, cal_text, tok, methods=bases, token_budget=args.calib_tokens,
                      batch_size=args.batch_size, seq_len=args.window, seed=args.seed, progress=False,
                      source=split["source"], cett_tokens=args.cett_tokens, greedy_step=args.greedy_step,
-                     greedy_tokens=args.greedy_tokens)
+                     greedy_tokens=args.greedy_tokens, wina=any(base_method(m)[1] for m in pending))
     data["calibration_seconds"] = {"statistics": round(time.perf_counter() - t0, 1)}
-    if "teal-greedy" in args.methods:
-        t0 = time.perf_counter()
-        cal.greedy(max(args.targets))
-        data["calibration_seconds"]["greedy"] = round(time.perf_counter() - t0, 1)
+    for label, wina in (("greedy", False), ("greedy_wina", True)):
+        if any(base_method(m) == ("teal-greedy", wina) for m in pending):
+            t0 = time.perf_counter()
+            cal.greedy(max(args.targets), wina=wina)
+            data["calibration_seconds"][label] = round(time.perf_counter() - t0, 1)
     _log(f"{name}: calibrated {data['calibration_seconds']}")
     total = sum(s.params for s in masked_sites(cal.sites))
     for target in args.targets:
@@ -185,7 +206,8 @@ def run_model(name: str, args, out: Path) -> dict:
             if (method, target) in done:
                 continue
             t0 = time.perf_counter()
-            plan = cal.plan(method, target)
+            base, wina = base_method(method)
+            plan = cal.plan(base, target, wina=wina)
             observer = MaskObserver(total)
             torch._dynamo.reset()
             fwd = torch.compile(model, backend=ObservingBackend(plan, observer))
@@ -229,7 +251,8 @@ def _config(args, split: dict) -> dict:
         "effective_sparsity": "masks applied by the compiled graph on the perplexity text, parameter-weighted "
                               "over every maskable decoder linear (LM head excluded; unmasked linears count 0)",
         "target_meaning": "teal, teal-greedy, stat-topk: sparsity of every masked linear input; cats, cett: "
-                          "MLP neuron sparsity (up/down columns); cett: error budget searched to reach it",
+                          "MLP neuron sparsity (up/down columns); cett: error budget searched to reach it; "
+                          "+wina: the same with WINA scores |x_i| * ||W[:, i]||",
     }
 
 
@@ -345,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actsparse.bench.accuracy", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    add("--methods", nargs="+", default=list(METHODS) + list(WINA_METHODS),
+        choices=list(METHODS) + list(WINA_METHODS))
     add("--targets", nargs="+", type=float, default=list(TARGETS))
     add("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     add("--task-targets", nargs="*", type=float, default=[0.5],

@@ -173,17 +173,23 @@ def _channel_sparse_linear(
     """Linears sharing one input, each on ``x * (|x| > tau_i)`` with one cutoff per channel.
 
     WINA plans reach here: masking ``|x_k| * ||W[:, k]|| > t`` is ``|x_k| > t / ||W[:, k]||``;
-    ``cutoff_ids`` name the vectors in ``CHANNEL_CUTOFFS``. On the CPU the native kernel skips
-    inactive rows; elsewhere the mask is applied and the matmul runs dense (no Triton kernel
-    takes per-channel cutoffs yet).
+    ``cutoff_ids`` name the vectors in ``CHANNEL_CUTOFFS``. Few rows: the native CPU kernel or
+    the Triton kernel skip inactive rows; many rows: the mask is applied and the matmul runs dense.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
+    taus = []
+    for key in cutoff_ids:
+        if CHANNEL_CUTOFFS[key].device != x.device:
+            CHANNEL_CUTOFFS[key] = CHANNEL_CUTOFFS[key].to(x.device)
+        taus.append(CHANNEL_CUTOFFS[key])
+    tri = _triton() if x.is_cuda and 0 < x2.shape[0] <= TRITON_MAX_ROWS else None
+    if tri is not None:
+        outs = tri.sparse_linear(x2.contiguous(), list(weights), list(biases), [1.0] * len(taus),
+                                 sparsity_hint=sparsity_hint, channel_thresholds=taus)
+        return [o.reshape(*lead, o.shape[-1]) for o in outs]
     outs = []
-    for w, b, key in zip(weights, biases, cutoff_ids):
-        tau = CHANNEL_CUTOFFS[key]
-        if tau.device != x.device:
-            tau = CHANNEL_CUTOFFS[key] = tau.to(x.device)
+    for w, b, tau in zip(weights, biases, taus):
         y = _sparse_cpu(x2, w, b, 0.0, False, tau) if not x.is_cuda else None
         if y is None:
             mask = x2.abs().float() > tau
