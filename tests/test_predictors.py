@@ -342,3 +342,21 @@ def test_triton_wrapper_matches_reference(m):
         want = pk.predicted_mlp_triton_reference(x, mask, *w, "silu")
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_calibrate_method_predictor_and_prepare():
+    """``actsparse.calibrate(method="predictor")`` trains predictors; ``prepare`` re-stores
+    the predicted MLPs' down weights input-major."""
+    import actsparse
+    from actsparse.compiler.layout import input_major_modules, is_input_major
+    from actsparse.models import tiny
+
+    model = tiny("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 128, (1200,), generator=torch.Generator().manual_seed(0))
+    plan = actsparse.calibrate(model, ids, method="predictor", sparsity=0.5, token_budget=1024,
+                               seq_len=64, progress=False)
+    assert plan.predictors and plan.method == "predictor"
+    downs = sorted(plan.predictors)
+    assert set(downs) <= set(input_major_modules(model, plan))
+    actsparse.prepare(model, plan)
+    assert all(is_input_major(model.get_submodule(d).weight) for d in downs)

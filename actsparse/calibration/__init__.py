@@ -9,13 +9,18 @@ budget), ``stat-topk`` (calibration-free statistical top-k). See methods.py.
 """
 
 from .histogram import LogHistogram, Statistics, collect_statistics
-from .methods import (CALIBRATION_ARTICLES, METHODS, CalibrationError, Calibrator, calibrate,
+from .methods import (CALIBRATE_METHODS, CALIBRATION_ARTICLES, METHODS, CalibrationError, Calibrator, calibrate,
                       overall_sparsity, token_batches, wikitext2_split)
+from .predictor import PredictorConfig, PredictorTrainer, train_predictor_plan
 from .sites import SiteRecord, trace_sites
 
 __all__ = [
     "CALIBRATION_ARTICLES",
     "METHODS",
+    "CALIBRATE_METHODS",
+    "PredictorConfig",
+    "PredictorTrainer",
+    "train_predictor_plan",
     "CalibrationError",
     "Calibrator",
     "LogHistogram",

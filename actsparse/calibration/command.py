@@ -14,11 +14,11 @@ from pathlib import Path
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `calibrate` options to ``parser`` (validation happens in run_calibrate_command)."""
-    from .methods import CALIBRATION_ARTICLES, METHODS
+    from .methods import CALIBRATE_METHODS, CALIBRATION_ARTICLES
 
     add = parser.add_argument
     add("--model", default="smollm2-135m", help="model name for actsparse.models.load (default: %(default)s)")
-    add("--method", default="teal-greedy", help=f"one of {', '.join(METHODS)} (default: %(default)s)")
+    add("--method", default="teal-greedy", help=f"one of {', '.join(CALIBRATE_METHODS)} (default: %(default)s)")
     add("--sparsity", type=float, default=0.5,
         help="target sparsity in [0, 1): of every masked linear input (teal, teal-greedy, stat-topk) "
              "or of MLP neurons (cats, cett) (default: %(default)s)")
@@ -46,10 +46,10 @@ class _UsageError(Exception):
 def _validate(args: argparse.Namespace) -> None:
     from ..eval.data import MissingDataError, data_path
     from ..models import parse_dtype
-    from .methods import METHODS
+    from .methods import CALIBRATE_METHODS
 
-    if args.method not in METHODS:
-        raise _UsageError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
+    if args.method not in CALIBRATE_METHODS:
+        raise _UsageError(f"unknown method {args.method!r}; allowed: {', '.join(CALIBRATE_METHODS)}")
     if args.error_budget is not None:
         if args.method != "cett":
             raise _UsageError("--error-budget applies to --method cett only")

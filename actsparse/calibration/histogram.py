@@ -53,10 +53,10 @@ class LogHistogram:
         """Add ``|values|`` (times ``scale``, broadcast on the last dim: WINA's ``|x_i| ||W_i||``)."""
         v = values.detach().float().abs()
         if scale is not None:
-            v = v * scale.float().abs()
+            v = v * scale.to(v.device).float().abs()
         v = v.contiguous().reshape(-1)
-        if v.numel():
-            self.counts += torch.bincount(self._index(v).long(), minlength=self.bins)
+        if v.numel():  # binned where the values are (GPU or CPU), counts kept on the CPU
+            self.counts += torch.bincount(self._index(v).long(), minlength=self.bins).cpu()
 
     def merge(self, other: LogHistogram) -> None:
         if (other.m, other.base, other.bins) != (self.m, self.base, self.bins):

@@ -38,6 +38,8 @@ from .stat_topk import stat_topk_measured
 from .teal import teal_rules, wina_rules
 
 METHODS = ("teal", "teal-greedy", "cats", "cett", "stat-topk")
+#: What ``calibrate`` accepts: the statistics methods plus trained predictors (predictor.py).
+CALIBRATE_METHODS = METHODS + ("predictor",)
 CALIBRATION_ARTICLES = 10  # WikiText-2 test articles 0-9 calibrate; articles 10+ evaluate
 _NEEDS = {"teal": ("abs",), "teal-greedy": ("abs",), "cats": ("act",), "cett": ("act", "cett"),
           "stat-topk": ("rel",)}
@@ -285,8 +287,16 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
     the plan's info. ``greedy_*``: block-error tokens and step of the teal-greedy allocation;
     ``cett_tokens``: tokens the CETT error is measured on.
     """
-    if method not in METHODS:
-        raise CalibrationError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method not in CALIBRATE_METHODS:
+        raise CalibrationError(f"unknown method {method!r}; allowed: {', '.join(CALIBRATE_METHODS)}")
+    if method == "predictor":  # trained low-rank predictors (Deja Vu style), predictor.py
+        if wina or error_budget is not None:
+            raise CalibrationError("wina and error_budget do not apply to method 'predictor'")
+        _check_sparsity(sparsity)
+        from .predictor import train_predictor_plan
+
+        return train_predictor_plan(model, tokens_or_texts, sparsity, tokenizer, token_budget=token_budget,
+                                    seq_len=seq_len, seed=seed, progress=progress, source=source)
     if wina and method not in ("teal", "teal-greedy"):
         raise CalibrationError("wina applies to the teal and teal-greedy methods only")
     if error_budget is not None and method != "cett":

@@ -29,7 +29,7 @@ def to_input_major(param: torch.Tensor) -> bool:
 
 def input_major_modules(model: torch.nn.Module, plan: SparsityPlan) -> list[str]:
     """Names of the nn.Linear modules whose weights a plan reads input-sparse."""
-    names = set(plan.thresholds) | set(plan.activation_thresholds)
+    names = set(plan.thresholds) | set(plan.activation_thresholds) | set(getattr(plan, "predictors", {}) or {})
     if plan.stat_topk is not None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names |= {n for n, m in model.named_modules()

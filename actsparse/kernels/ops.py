@@ -96,21 +96,10 @@ def _sparse_cpu(x2: Tensor, w: Tensor, b: Optional[Tensor], t: float, per_token:
     return y if b is None else y + b
 
 
-# The ops are declared with the low-level ``torch.library.Library`` API rather than
-# ``torch.library.custom_op``: same schema, fake and torch.compile behaviour, but a call from a
-# compiled graph into the Python kernel costs a few microseconds instead of tens (custom_op adds
-# Python autograd and device-dispatch layers), and a decoder makes about four calls per layer
-# per token. CompositeExplicitAutograd: one Python kernel for every device, which picks its
-# path; no autograd formula (inference only).
-_LIB = torch.library.Library("actsparse", "FRAGMENT")
-_LIB.define("sparse_linear(Tensor x, Tensor[] weights, Tensor?[] biases, float[] thresholds, "
-            "bool per_token, float sparsity_hint) -> Tensor[]")
-_LIB.define("channel_sparse_linear(Tensor x, Tensor[] weights, Tensor?[] biases, "
-            "int[] cutoff_ids, float sparsity_hint) -> Tensor[]")
-_LIB.define("gated_mlp(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, "
-            "Tensor? b_up, Tensor? b_down, str act, float threshold, bool per_token, "
-            "float sparsity_hint) -> Tensor")
-
+# The ops are ``torch.library.custom_op``s: Inductor and CUDA graphs handle them as opaque
+# calls with the fake implementations' output shapes. (Declared with the lower-level
+# ``torch.library.Library`` API a call from a compiled CPU graph is cheaper, about 6 us
+# against 30, but Inductor's CUDA-graph partitioning then crashed on the GPU.)
 
 def _sparse_linear(
     x: Tensor,
@@ -251,11 +240,15 @@ def _gated_mlp_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, threshol
     return x.new_empty(*x.shape[:-1], w_down.shape[0])
 
 
-for _name, _impl, _fake in (("sparse_linear", _sparse_linear, _sparse_linear_fake),
-                            ("channel_sparse_linear", _channel_sparse_linear, _channel_sparse_linear_fake),
-                            ("gated_mlp", _gated_mlp, _gated_mlp_fake)):
-    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"actsparse::{_name}", _fake, lib=_LIB)
+def _register(name: str, impl, fake):
+    op = torch.library.custom_op(f"actsparse::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    return op
+
+
+_register("sparse_linear", _sparse_linear, _sparse_linear_fake)
+_register("channel_sparse_linear", _channel_sparse_linear, _channel_sparse_linear_fake)
+_register("gated_mlp", _gated_mlp, _gated_mlp_fake)
 
 #: ``actsparse::sparse_linear``: TEAL masks (or per-token statistical cutoffs), shared input.
 sparse_linear = torch.ops.actsparse.sparse_linear.default
