@@ -349,7 +349,11 @@ def plot(result: dict, path: Path) -> None:
 def merge(per_model: dict[str, dict], out: Path) -> dict:
     """The combined result, its markdown table and its plot, written next to ``out``."""
     first = next(iter(per_model.values()), {})
-    result = {"config": first.get("config", {}),
+    config = dict(first.get("config", {}))
+    config["command"] = "python -m actsparse.bench.accuracy " + " ".join(sys.argv[1:])  # this (parent) process
+    config["rows_note"] = ("rows are kept across --resume runs: each per-model file records the command "
+                           "of its last run; rows made earlier keep their own settings, which match")
+    result = {"config": config,
               "models": {m: d.get("rows", []) for m, d in per_model.items()},
               "calibration_seconds": {m: d.get("calibration_seconds") for m, d in per_model.items()}}
     result["target_check"] = {m: target_check(rows) for m, rows in result["models"].items()}
