@@ -68,6 +68,8 @@ def time_variant(model, backend, ids: torch.Tensor, new_tokens: int, repeats: in
     from transformers import StaticCache
 
     torch._dynamo.reset()
+    # one cache object for every call: a step compiled against one StaticCache and called
+    # with another was seen to read the first one's tensors (torch 2.13, transformers 5)
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     step = model.forward if backend is None else torch.compile(model.forward, backend=backend, fullgraph=True)
     t = time.perf_counter()
@@ -84,22 +86,23 @@ def time_variant(model, backend, ids: torch.Tensor, new_tokens: int, repeats: in
         raise RuntimeError(f"{recompiles} recompilation(s) during timed decoding: the figure would "
                            "measure compilation, not decoding")
     return {"tokens_per_s": statistics.median(rates), "runs": rates, "compile_and_first_s": compile_s,
-            "tokens": toks, "_step": step}
+            "tokens": toks, "_step": step, "_cache": cache}
 
 
 def check_against_reference(model, step, plan, ids: torch.Tensor, new_tokens: int,
-                            max_cache_len: int) -> dict[str, float]:
+                            max_cache_len: int, cache=None) -> dict[str, float]:
     """The compiled step against the eager model masked by hooks, on the same tokens.
 
     The compiled step decodes greedily; the reference is fed the same tokens (teacher
     forcing), so every step compares logits of identical inputs. Greedy sequences of two
     masked models may still part: masks are discontinuous, and the last-bit differences of
-    fused arithmetic flip the channels sitting on a threshold.
+    fused arithmetic flip the channels sitting on a threshold. ``cache``: the static cache the
+    step was compiled with (a compiled step must keep its cache object; see ``time_variant``).
     """
     from transformers import StaticCache
 
     got: list = []
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache = cache if cache is not None else StaticCache(config=model.config, max_cache_len=max_cache_len)
     toks, _ = decode_loop(model, step, ids, new_tokens, cache, logits=got)
     ref: list = []
     reference_tokens(model, plan, ids, new_tokens, max_cache_len, forced=toks, logits=ref)
@@ -201,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         if plan is not None:
             actsparse.prepare(model, plan)
         row = {"variant": name, **time_variant(model, backend, ids, args.new_tokens, args.repeats, cache_len)}
-        step = row.pop("_step")
+        step, step_cache = row.pop("_step"), row.pop("_cache")
         if plan is not None:
             ref = reference_tokens(model, plan, ids, args.new_tokens, cache_len)
             row["plan"] = {"method": plan.method, "target": plan.target,
                            "overall_sparsity": plan.overall_sparsity}
             row["greedy_prefix_agreement_with_masked_eager"] = agreement(row["tokens"], ref)
             row["check_vs_masked_eager"] = check_against_reference(model, step, plan, ids, args.new_tokens,
-                                                                   cache_len)
+                                                                   cache_len, step_cache)
         if name == "dense (inductor)":
             dense_rate = row["tokens_per_s"]
         if dense_rate:
