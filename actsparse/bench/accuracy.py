@@ -128,8 +128,57 @@ class ObservingBackend:
 # ---------------------------------------------------------------------------------- evaluation
 
 
+def _evaluate_tasks(fwd, tokenizer, args, tasks: list[str]) -> dict:
+    """Zero-shot task accuracies of ``fwd`` (a row's task fields)."""
+    from ..eval import evaluate_task
+
+    row: dict = {}
+    for task in tasks:
+        t0 = time.perf_counter()
+        res = evaluate_task(fwd, tokenizer, task, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                            data_dir=args.data, progress=False)
+        row[task] = {k: round(v, 4) for k, v in res.metrics.items()}
+        row[task]["n"] = res.n
+        row[task]["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def add_tasks(name: str, args, out: Path) -> dict:
+    """``--add-tasks``: evaluate the tasks for existing rows at ``--task-targets`` that lack them."""
+    from .. import models
+    from ..calibration import Calibrator, wikitext2_split
+    from ..calibration.sites import masked_sites
+
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    todo = [r for r in rows if r["method"] in args.methods and r.get("target") is not None
+            and _in(r["target"], args.task_targets) and not all(t in r for t in args.tasks)]
+    if not todo:
+        return data
+    model, tok = models.load(name)
+    cal_text, _, split = wikitext2_split(args.data, args.calibration_articles)
+    bases = sorted({base_method(r["method"])[0] for r in todo})
+    cal = Calibrator(model, cal_text, tok, methods=bases, token_budget=args.calib_tokens,
+                     batch_size=args.batch_size, seq_len=args.window, seed=args.seed, progress=False,
+                     source=split["source"], cett_tokens=args.cett_tokens, greedy_step=args.greedy_step,
+                     greedy_tokens=args.greedy_tokens, wina=any(base_method(r["method"])[1] for r in todo))
+    total = sum(s.params for s in masked_sites(cal.sites))
+    for row in todo:
+        base, wina = base_method(row["method"])
+        plan = cal.plan(base, row["target"], wina=wina)
+        torch._dynamo.reset()
+        fwd = torch.compile(model, backend=ObservingBackend(plan, MaskObserver(total)))
+        row.update(_evaluate_tasks(fwd, tok, args, list(args.tasks)))
+        row["tasks_added_by"] = "python -m actsparse.bench.accuracy " + " ".join(sys.argv[1:])
+        _write_json(out, data)
+        _log(f"{name}: {row['method']} @ {row['target']}: tasks " +
+             ", ".join(f"{t} {row[t].get('acc', float('nan')):.3f}" for t in args.tasks))
+    torch._dynamo.reset()
+    return data
+
+
 def _evaluate(fwd, tokenizer, eval_text: str, args, tasks: list[str], observer: MaskObserver | None) -> dict:
-    from ..eval import evaluate_task, perplexity
+    from ..eval import perplexity
 
     row: dict = {}
     t0 = time.perf_counter()
@@ -140,13 +189,7 @@ def _evaluate(fwd, tokenizer, eval_text: str, args, tasks: list[str], observer: 
     if observer is not None:
         row["effective_sparsity"] = round(observer.sparsity(), 4)
         observer.active = False  # tasks are not part of the sparsity measurement
-    for task in tasks:
-        t0 = time.perf_counter()
-        res = evaluate_task(fwd, tokenizer, task, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                            data_dir=args.data, progress=False)
-        row[task] = {k: round(v, 4) for k, v in res.metrics.items()}
-        row[task]["n"] = res.n
-        row[task]["seconds"] = round(time.perf_counter() - t0, 1)
+    row.update(_evaluate_tasks(fwd, tokenizer, args, tasks))
     return row
 
 
@@ -352,7 +395,8 @@ def merge(per_model: dict[str, dict], out: Path) -> dict:
     config = dict(first.get("config", {}))
     config["command"] = "python -m actsparse.bench.accuracy " + " ".join(sys.argv[1:])  # this (parent) process
     config["rows_note"] = ("rows are kept across --resume runs: each per-model file records the command "
-                           "of its last run; rows made earlier keep their own settings, which match")
+                           "of its last run; rows made earlier keep their own settings, which match; "
+                           "task fields added later by --add-tasks name that command in tasks_added_by")
     result = {"config": config,
               "models": {m: d.get("rows", []) for m, d in per_model.items()},
               "calibration_seconds": {m: d.get("calibration_seconds") for m, d in per_model.items()}}
@@ -392,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     add("--jobs", type=int, default=2, help="models evaluated in parallel processes (default: %(default)s)")
     add("--resume", action="store_true", help="keep the rows already in the per-model files")
+    add("--add-tasks", action="store_true",
+        help="only evaluate the tasks for existing rows of --methods at --task-targets that lack them")
     add("--out", default="benchmarks/accuracy.json")
     return p
 
@@ -418,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for model in args.models:
             target = out if len(args.models) == 1 and out.stem.endswith(model) else _model_out(out, model)
-            run_model(model, args, target)
+            (add_tasks if args.add_tasks else run_model)(model, args, target)
     if len(args.models) == 1 and out.stem.endswith(args.models[0]):
         return 0  # a per-model process of a parallel run: the parent merges
     per_model = {m: json.loads(_model_out(out, m).read_text()) for m in args.models if _model_out(out, m).exists()}
