@@ -20,9 +20,12 @@ whose times are per call inside a graph of back-to-back calls of a layer, as in 
 (mean error: dense 2%, fallback 4%, sparse one row 6%, sparse 2..16 rows 7%).
 
 Three ways to run a masked linear are modelled: dense cuBLAS on the usual row-major weight (the
-unmodified model), the sparse kernel, and the wrapper's dense fallback (mask, then `F.linear`
-on the input-major storage the sparse kernel needs: slower, cuBLAS transposed plus the masking
-launches).
+unmodified model), the sparse kernel, and the masked matmul that the rewrite emits where the
+sparse kernel does not pay (``actsparse.passes.dense_choice``): the mask fused by Inductor into
+the kernel that produces the input, then cuBLAS on the input-major storage the sparse kernel
+needs (no extra launch; cuBLAS on that layout measured 0.92-1.17x the row-major time on the
+Llama-3-8B shapes, benchmarks/gpu_probe_h100.json). The op's own run-time fallback, for
+graphs with symbolic row counts, still masks in separate launches (about 10 us more).
 """
 
 from __future__ import annotations
@@ -70,10 +73,10 @@ class Device:
     # only reads can exceed 1.
     dense_efficiency: float = 1.054  # cuBLAS GEMV on a full layer
     sparse_efficiency: float = 1.022  # sparse kernel, one row, on the weight rows it reads
-    fallback_efficiency: float = 0.981  # cuBLAS on input-major (transposed) storage
+    fallback_efficiency: float = 1.04  # cuBLAS on input-major storage (gpu_probe_h100.json)
     launch_overhead: float = 6.06e-6  # s, fixed cost of one layer call in a graph (see module doc)
     sparse_overhead: float = 0.43e-6  # s, extra: compaction and split-K reduction latency
-    fallback_overhead: float = 8.63e-6  # s, extra: the masking launches before F.linear
+    fallback_overhead: float = 0.0  # s, extra: none, the mask is fused into the input's producer
     batch_sparse_efficiency: float = 0.796  # sparse kernel, 2..16 rows (tensor-core path)
     batch_sparse_overhead: float = 0.71e-6  # s, extra, 2..16 rows
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..plan import SparsityPlan
+from .dense_choice import masked_gated_mlp, masked_input, run_dense, static_rows
 from .sites import Site
 
 sparse_linear_op = torch.ops.actsparse.sparse_linear.default
@@ -150,17 +151,18 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
         if clash:
             raise ValueError(f"plan has both a CATS rule on {pname} and input thresholds on {clash}; "
                              "an MLP takes one or the other")
+        dense = run_dense(gate.input, gate.in_features, [gate.out_features], hint(pname), gated=True)
         with graph.inserting_before(s.node):
-            new = graph.call_function(gated_mlp_op, (
-                gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias,
-                s.act, t, False, hint(pname)))
+            args = (gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, t)
+            new = graph.call_function(masked_gated_mlp, args) if dense else \
+                graph.call_function(gated_mlp_op, args + (False, hint(pname)))
         new.meta.update(s.node.meta)
         _replace(s, new)
         orphans.extend(s.node.all_input_nodes)
         graph.erase_node(s.node)
         handled.update({s.node, gate.node, up.node})
         for x in (gate, s, up):
-            x.rule = f"cats t={t:.4g}"
+            x.rule = f"cats t={t:.4g}" + _dense_note(dense, gate.input)
         stats.gated_mlp_calls += 1
         stats.masked_sites += 1
 
@@ -188,9 +190,14 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
                 continue
             first = min((m[0].node for m in part), key=_order(graph))
             channel = wina and not per_token
+            sparsity_hint = max(hint(names.get(m[0].module, m[0].module)) for m in part)
+            if not channel and run_dense(x, part[0][0].in_features, [m[0].out_features for m in part],
+                                         sparsity_hint):
+                _rewrite_dense(graph, x, part, per_token, first, orphans)
+                stats.masked_sites += len(part)
+                continue
             with graph.inserting_before(first):
                 weights = [_weight_arg(graph, m[0]) for m in part]
-                sparsity_hint = max(hint(names.get(m[0].module, m[0].module)) for m in part)
                 if channel:
                     cutoffs = [_channel_cutoffs(gm, m[0], m[1]) for m in part]
                     call = graph.call_function(channel_sparse_linear_op, (
@@ -215,6 +222,29 @@ def insert_masks(gm: fx.GraphModule, sites: list[Site], plan: SparsityPlan,
     graph.lint()
     gm.recompile()
     return stats
+
+
+def _dense_note(dense: bool, x: fx.Node) -> str:
+    return f" (dense, {static_rows(x)} rows)" if dense else ""
+
+
+def _rewrite_dense(graph: fx.Graph, x: fx.Node, part, per_token: bool, first: fx.Node,
+                   orphans: list[fx.Node]) -> None:
+    """The masked linears of one input as torch ops: one masked copy of ``x`` per threshold,
+    then the linear on it (Inductor fuses the mask into the producer of ``x``)."""
+    masked: dict[float, fx.Node] = {}
+    for s, t, _ in part:  # `first` stays in the graph until every member is rewritten
+        with graph.inserting_before(first):
+            if t not in masked:
+                masked[t] = graph.call_function(masked_input, (x, t, per_token))
+            w = s.weight if s.kind == "linear" else graph.call_method("t", (s.weight,))
+            new = graph.call_function(torch.nn.functional.linear, (masked[t], w, s.bias))
+        new.meta.update(s.node.meta)
+        _replace(s, new)
+        s.rule = ("stat-topk z=" if per_token else "teal t=") + f"{t:.4g}" + _dense_note(True, x)
+    for s, _, _ in part:
+        orphans.extend(s.node.all_input_nodes)
+        graph.erase_node(s.node)
 
 
 def _order(graph: fx.Graph):
