@@ -335,7 +335,7 @@ def markdown(result: dict) -> str:
               f"sequences of {cfg.get('calibration_seq_len')}); perplexity: {cfg.get('evaluation_text')}, "
               f"first {cfg.get('eval_tokens')} tokens in windows of {cfg.get('window')}; tasks: "
               f"{', '.join(cfg.get('tasks', []))}, {cfg.get('task_limit')} examples each (seeded subset), "
-              f"at targets {cfg.get('task_targets')} and dense. Evaluated through the actsparse backend "
+              f"in every row that shows them. Evaluated through the actsparse backend "
               f"(compiler='eager'). Effective sparsity: {cfg.get('effective_sparsity')}. Target: "
               f"{cfg.get('target_meaning')}.", ""]
     for model, rows in result.get("models", {}).items():
