@@ -88,7 +88,8 @@ def _host_table(prof, steps: int) -> list[dict]:
     return sorted(table, key=lambda r: -r["self_us_per_step"])[:40]
 
 
-def profile(sparsity: float, batch: int, layers: int | None, log, variants=("dense", "sparse")) -> dict:
+def profile(sparsity: float, batch: int, layers: int | None, log, variants=("dense", "sparse"),
+            cprofile: bool = False) -> dict:
     """Per variant: wall time per step with a host sync per step (``torch.tensor(pos)``, a
     pageable copy, waits for the GPU) and without (position advanced on the device), the host
     time to issue one step, and the kernels' summed time per step.
@@ -148,6 +149,20 @@ def profile(sparsity: float, batch: int, layers: int | None, log, variants=("den
             torch.cuda.synchronize()
             wall_async = (time.perf_counter() - t0) / 16
             state["pos"] = int(state["dpos"].item())
+            if cprofile:  # the host's Python per step, with a sync per step (as in generate)
+                import cProfile
+                import io
+                import pstats
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(16):
+                    one()
+                torch.cuda.synchronize()
+                pr.disable()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                text = buf.getvalue()
+                log(text[-6000:])
             rec = {"wall_ms_per_step": wall * 1e3, "wall_ms_per_step_no_sync": wall_async * 1e3,
                    "host_issue_ms_per_step": t_issue * 1e3}
             if variant != "empty":
@@ -187,6 +202,7 @@ def main() -> int:
     p.add_argument("--skip-profile", action="store_true")
     p.add_argument("--profile-batches", type=int, nargs="+", default=[1])
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--cprofile", action="store_true", help="print the host's Python profile of 16 steps")
     p.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "empty", "sparse"])
     args = p.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -205,7 +221,7 @@ def main() -> int:
     if not args.skip_profile:
         res["profile"] = {}
         for b in args.profile_batches:
-            res["profile"][f"batch{b}"] = profile(0.5, b, args.layers, log, args.variants)
+            res["profile"][f"batch{b}"] = profile(0.5, b, args.layers, log, args.variants, args.cprofile)
             save()
     return 0
 
