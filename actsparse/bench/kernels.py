@@ -473,8 +473,12 @@ def markdown(result) -> str:
     lines += ["", "## Batches: speedup (measured union density in brackets)", "",
               f"WRONG marks outputs with relative error above {ERR_OK:g} ({len(bad)} points"
               + (f", batches {sorted({r['M'] for r in bad})}" if bad else "") + "). A cell marked "
-              "(dense) is one where the wrapper's cost model sends the call to the dense fallback instead "
-              "of the kernel (`prefer_sparse` against the fallback).", ""]
+              "(dense) is one where the cost model (`prefer_sparse` against the fallback) has the backend run "
+              "the masked dense matmul instead of the kernel: at compile time for a traced batch size the "
+              "rewrite emits the mask, fused by Inductor into the input's producer, and a plain linear on "
+              "the input-major storage (`passes/dense_choice.py`; cuBLAS on that storage: "
+              "benchmarks/gpu_probe_h100.json). The `fallback_us` column of the JSON is the op's own "
+              "run-time fallback (separate masking launches), now used only with dynamic shapes.", ""]
     bs = sorted({r["M"] for r in lin})
     lines.append("| shape | s | " + " | ".join(f"M={m}" for m in bs) + " |")
     lines.append("|---|---|" + "---|" * len(bs))
@@ -586,9 +590,10 @@ def main(argv=None):
             result = json.load(fh)
         if a.repredict:
             repredict(result)
-            result["meta"]["predictions"] = ("recomputed after the run with the refit cost model "
-                                             "(actsparse/kernels/cost_model.py defaults, fitted to this run's "
-                                             "points): `python -m actsparse.bench.kernels --plot-only --repredict`")
+            result["meta"]["predictions"] = ("recomputed after the run with the current cost model "
+                                             "(actsparse/kernels/cost_model.py defaults: fitted to this run's "
+                                             "points, the fallback refit to benchmarks/gpu_probe_h100.json): "
+                                             "`python -m actsparse.bench.kernels --plot-only --repredict`")
             with open(a.out, "w") as fh:
                 json.dump(result, fh, indent=1)
         plot(result, stem + ".png")
