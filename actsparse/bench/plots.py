@@ -39,6 +39,7 @@ def plot_e2e(files: list[str], out: str) -> Path:
 E2E_FILES = {"HF generate, static cache": "benchmarks/e2e_h100.json",
              "minimal loop (no host sync per token)": "benchmarks/e2e_lean_h100.json",
              "HF generate, batches": "benchmarks/e2e_batch_h100.json",
+             "HF generate, batches, second run (another machine, slower host)": "benchmarks/e2e_batch_rerun_h100.json",
              "minimal loop, batches": "benchmarks/e2e_lean_batch_h100.json"}
 
 
