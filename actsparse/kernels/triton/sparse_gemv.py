@@ -51,6 +51,14 @@ import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
 
+try:  # grid dependency control (Hopper); absent from old Tritons, never used in the interpreter
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+    PDL_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _gdc_wait = _gdc_launch_dependents = None
+    PDL_AVAILABLE = False
+
 MAX_OUTPUTS = 3
 MIN_BLOCK_N = 16  # the smallest BLOCK_N of any config: sizes the counter buffer
 
@@ -108,7 +116,8 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                  HAS_BIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                  COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 IDX_CACHE: tl.constexpr, W_EVICT: tl.constexpr, HAS_CT: tl.constexpr):
+                 IDX_CACHE: tl.constexpr, W_EVICT: tl.constexpr, HAS_CT: tl.constexpr,
+                 PDL: tl.constexpr = 0):
     """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
     pid_k = tl.program_id(1)
     k0 = pid_k * CHUNK
@@ -198,6 +207,8 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                                      offs_m, m_ok, offs_n, n_ok, cutoff, CT, False, HAS_CT, W_EVICT)
             acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
 
+    if PDL == 2:  # the weights are read: let the next kernel start launching
+        _gdc_launch_dependents()
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     else:
@@ -237,9 +248,21 @@ def _sparse_linear_kernel(
     HAS_CT0: tl.constexpr, HAS_CT1: tl.constexpr, HAS_CT2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
     PREFETCH: tl.constexpr = True, IDX_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
+    PDL: tl.constexpr = 0,
 ):
     """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
-    pointers and strides (no merged variables: strides keep their divisibility hints)."""
+    pointers and strides (no merged variables: strides keep their divisibility hints).
+
+    PDL (programmatic dependent launch, Hopper; the launch must pass `launch_pdl=True`):
+    1 waits for the previous kernel at the start and lets the next one launch at once;
+    2 waits at the start and lets the next one launch when this program's loop is done.
+    Either way nothing is read before the wait: x, the workspace and the counters may all
+    have been written by the kernel before.
+    """
+    if PDL > 0:
+        _gdc_wait()
+    if PDL == 1:
+        _gdc_launch_dependents()
     pid_n = tl.program_id(0)
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
@@ -247,18 +270,18 @@ def _sparse_linear_kernel(
         _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0, CT0,
                      pid_n, 0, pid_n, 0, M, K, N_TOTAL,
                      HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT0)
+                     HAS_CT0, PDL)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1, CT1,
                          pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
                          HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT1)
+                     HAS_CT1, PDL)
         elif NUM_OUT >= 3:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2, CT2,
                          pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
                          HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT2)
+                     HAS_CT2, PDL)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
@@ -430,7 +453,8 @@ def launch_sparse_linear(
         cfg = dict(config)
         assert cfg["BLOCK_N"] >= MIN_BLOCK_N
         global _LAST_COMPILED
-        _LAST_COMPILED = _sparse_linear_kernel[grid({**meta, **cfg})](*args, **meta, **cfg)
+        kw = {**meta, **cfg}  # a pinned config may override meta (M_PAD: the dot path at M=1)
+        _LAST_COMPILED = _sparse_linear_kernel[grid(kw)](*args, **kw)
     else:
         _tuned_kernel(m_pad)[grid](*args, **meta)
     return outs
