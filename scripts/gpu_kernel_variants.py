@@ -20,6 +20,10 @@ Three parts, one call:
 4. ``dot``: the tensor-core path (rows padded to 16, one ``tl.dot`` per step) with and without
    Triton's software pipelining (``num_stages``; the weight loads feed a dot, so the pipeliner
    can stage them through shared memory), at 1 (padded) to 16 rows, 50% sparsity.
+5. ``probe``: where the fixed cost of a call goes. The kernel's timing probes (``PROBE``,
+   wrong results by design) drop one stage at a time: 4 an empty grid, 3 the input load and
+   compaction only, 2 that plus the split-K fix-up (no weight loop), 1 everything but the
+   fix-up; 0 is the real kernel.
 
     PYTHONPATH=. python3 scripts/gpu_kernel_variants.py --out $OUT/kernel_variants.json
     python3 scripts/gpu_kernel_variants.py --render benchmarks/kernel_variants_h100.json \
@@ -248,6 +252,23 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {row['shape']} | {row['config']} | {row['us']:.1f} | {row['dense_us']:.1f} | "
                          f"{row['dense_us'] / row['us']:.2f} | {row['autotuned_us']:.1f} ({row['autotuned_config']}) |")
         lines.append("")
+    probe = [row for r in results for row in r.get("probe", [])]
+    if probe:
+        lines += ["## Where the time of one call goes (batch 1)", "",
+                  "Timing probes compiled into the kernel remove one stage at a time (results wrong by "
+                  "design): an empty grid; the input load and compaction only; everything but the split-K "
+                  "fix-up. `weights at copy rate`: the active weight bytes over the measured copy bandwidth "
+                  "(its reads plus writes per second; cuBLAS reads the dense weights at 0.94 of it).", "",
+                  "| shape | s | dense us | kernel us | empty grid | x load + compaction | weight loop + "
+                  "partial adds | split-K fix-up | weights at copy rate |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in probe:
+            pu = {int(k): v for k, v in row["probe_us"].items()}
+            parts = row["parts_us"]
+            lines.append(f"| {row['shape']} | {row['sparsity']:.1f} | {row['dense_us']:.1f} | {pu[0]:.1f} | "
+                         f"{parts['launch_and_empty_grid']:.1f} | {parts['x_load_and_compaction']:.1f} | "
+                         f"{parts['weight_loop_and_partial_adds']:.1f} | {parts['split_k_fixup']:.1f} | "
+                         f"{row['weight_read_us_at_copy_rate']:.1f} |")
+        lines.append("")
     dot = [row for r in results for row in r.get("dot", [])]
     if dot:
         lines += ["## Tensor-core path with and without software pipelining (50%)", "",
@@ -263,6 +284,49 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {row['shape']} | {row['rows']} | {row['dense_us']:.1f} | {ok[best]:.1f} ({best}) | {st} |")
         lines.append("")
     return "\n".join(lines)
+
+
+PROBE_CONFIGS = {  # the autotuner's picks at 50% (benchmarks/kernels_h100.md)
+    "gate_up": dict(COMPACT=True, CHUNK=512, BLOCK_K=32, BLOCK_N=256, PREFETCH=False, num_warps=2, num_stages=1),
+    "down": dict(COMPACT=True, CHUNK=512, BLOCK_K=32, BLOCK_N=256, PREFETCH=False, num_warps=2, num_stages=1),
+    "q_o": dict(COMPACT=True, CHUNK=256, BLOCK_K=32, BLOCK_N=256, PREFETCH=False, num_warps=2, num_stages=1),
+}
+
+
+def probe_part(save, res) -> list[dict]:
+    """Time the kernel with stages removed; restore the zeroed workspace afterwards."""
+    from actsparse.bench.kernels import copy_bandwidth
+    from actsparse.kernels.triton import _runtime as rt
+
+    bw = copy_bandwidth()  # bytes moved per second (a copy's reads plus writes; a pure read streams as fast)
+    out = []
+    for name, cfg in PROBE_CONFIGS.items():
+        K, ns = SHAPES[name]
+        for s in (0.5, 0.9):
+            case = Case(K, ns, s)
+            row = {"shape": name, "sparsity": s, "config": short(cfg), "dense_us": dense_us(case),
+                   "read_bw_TBps": bw / 1e12,
+                   "weight_read_us_at_copy_rate": K * sum(ns) * 2 * (1 - s) / bw * 1e6, "probe_us": {}}
+            for probe in (4, 3, 2, 1, 0):
+                us, err = time_config(case, dict(cfg, PROBE=probe))
+                row["probe_us"][probe] = us
+                if probe == 0:
+                    row["err"] = err
+                for key, buf in rt._BUFFERS.items():  # probe 1 leaves partial sums behind
+                    if key[0] in ("ws", "cnt"):
+                        buf.zero_()
+            pu = row["probe_us"]
+            row["parts_us"] = {"launch_and_empty_grid": pu[4], "x_load_and_compaction": pu[3] - pu[4],
+                               "split_k_fixup": pu[0] - pu[1], "weight_loop_and_partial_adds": pu[1] - pu[3]}
+            print(f"probe {name:8s} s={s:.1f} dense {row['dense_us']:.1f} " +
+                  " ".join(f"P{k}={v:.1f}" for k, v in pu.items()) +
+                  f" weights at copy rate {row['weight_read_us_at_copy_rate']:.1f}", flush=True)
+            out.append(row)
+            res["probe"] = out
+            save()
+            del case
+            torch.cuda.empty_cache()
+    return out
 
 
 def main() -> int:
@@ -281,7 +345,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=3, help="configs carried into the PDL and fused parts")
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--parts", nargs="+", default=["sweep", "pdl", "fused", "dot"],
-                   choices=["sweep", "pdl", "fused", "dot"])
+                   choices=["sweep", "pdl", "fused", "dot", "probe"])
     p.add_argument("--dot-rows", type=int, nargs="+", default=[1, 2, 4, 16])
     args = p.parse_args()
     from actsparse.kernels.triton import sparse_gemv as sg
@@ -301,6 +365,8 @@ def main() -> int:
 
     if "dot" in args.parts:
         res["dot"] = dot_part(args.dot_rows, save, res)
+    if "probe" in args.parts:
+        res["probe"] = probe_part(save, res)
     cands = candidates()
     score: dict[str, list[float]] = {}  # config -> speedups over all sweep cases
     by_name = {short(c): c for c in cands}

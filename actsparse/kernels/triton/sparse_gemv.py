@@ -117,7 +117,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                  COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  IDX_CACHE: tl.constexpr, W_EVICT: tl.constexpr, HAS_CT: tl.constexpr,
-                 PDL: tl.constexpr = 0):
+                 PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0):
     """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
     pid_k = tl.program_id(1)
     k0 = pid_k * CHUNK
@@ -157,6 +157,8 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         # Every program of the same (output, chunk) writes the same list, so sharing is safe.
         pos = tl.cumsum(active, axis=0) - 1
         n_act = tl.sum(active, axis=0)
+        if PROBE == 2 or PROBE == 3:  # timing probe: compaction without the weight loop
+            n_act = n_act * 0
         scr = SCR + scr_base + k0
         tl.store(scr + pos, offs_c, mask=active > 0)
         tl.debug_barrier()  # the list is written by all threads, read back by all threads
@@ -217,20 +219,22 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
     # 4. split-K reduction in fp32; the last program of this output block finishes it.
     out_ok = m_ok[:, None] & n_ok[None, :]
     ws = WS + offs_m[:, None] * N_TOTAL + col0 + offs_n[None, :]
-    tl.atomic_add(ws, part, mask=out_ok, sem="relaxed")
-    tl.debug_barrier()  # all threads' adds happen before the (single-thread) counter release
-    done = tl.atomic_add(CNT + cnt_idx, 1, sem="acq_rel")
-    if done == tl.num_programs(1) - 1:
-        tot = tl.load(ws, mask=out_ok, other=0.0, cache_modifier=".cg")
-        # The barrier matters: a tile's layout may give one element to several threads (a
-        # reduced or tensor-core layout); without it one thread's reset could land before
-        # another thread's read of the same sum, and that thread would write a zero.
-        tl.debug_barrier()
-        tl.store(ws, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=out_ok)
-        if HAS_BIAS:
-            tot += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None] * N + offs_n[None, :], tot.to(Y.dtype.element_ty), mask=out_ok)
-        tl.atomic_xchg(CNT + cnt_idx, 0)
+    if PROBE != 3:  # (timing probe 3 stops before the reduction)
+        tl.atomic_add(ws, part, mask=out_ok, sem="relaxed")
+    if PROBE != 3 and PROBE != 1:  # (timing probe 1: partial sums added, no counter, no fix-up)
+        tl.debug_barrier()  # all threads' adds happen before the (single-thread) counter release
+        done = tl.atomic_add(CNT + cnt_idx, 1, sem="acq_rel")
+        if done == tl.num_programs(1) - 1:
+            tot = tl.load(ws, mask=out_ok, other=0.0, cache_modifier=".cg")
+            # The barrier matters: a tile's layout may give one element to several threads (a
+            # reduced or tensor-core layout); without it one thread's reset could land before
+            # another thread's read of the same sum, and that thread would write a zero.
+            tl.debug_barrier()
+            tl.store(ws, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=out_ok)
+            if HAS_BIAS:
+                tot += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + offs_m[:, None] * N + offs_n[None, :], tot.to(Y.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(CNT + cnt_idx, 0)
 
 
 @triton.jit
@@ -248,7 +252,7 @@ def _sparse_linear_kernel(
     HAS_CT0: tl.constexpr, HAS_CT1: tl.constexpr, HAS_CT2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
     PREFETCH: tl.constexpr = True, IDX_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0,
 ):
     """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
     pointers and strides (no merged variables: strides keep their divisibility hints).
@@ -258,6 +262,11 @@ def _sparse_linear_kernel(
     2 waits at the start and lets the next one launch when this program's loop is done.
     Either way nothing is read before the wait: x, the workspace and the counters may all
     have been written by the kernel before.
+
+    PROBE (timing only, wrong results; never set by the launcher): 1 skips the split-K fix-up,
+    2 skips the weight loop, 3 skips the loop and the reduction, 4 returns at once. The
+    differences between them say where the fixed cost of a call goes
+    (scripts/gpu_kernel_variants.py --parts probe).
     """
     if PDL > 0:
         _gdc_wait()
@@ -266,22 +275,24 @@ def _sparse_linear_kernel(
     pid_n = tl.program_id(0)
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
+    if PROBE == 4:  # timing probe: an empty program
+        pid_n = nb0 + nb1 + 2 * tl.cdiv(N2, BLOCK_N) + 1  # past every output: no branch runs
     if pid_n < nb0:
         _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0, CT0,
                      pid_n, 0, pid_n, 0, M, K, N_TOTAL,
                      HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT0, PDL)
+                     HAS_CT0, PDL, PROBE)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1, CT1,
                          pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
                          HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT1, PDL)
+                     HAS_CT1, PDL, PROBE)
         elif NUM_OUT >= 3:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2, CT2,
                          pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
                          HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT2, PDL)
+                     HAS_CT2, PDL, PROBE)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
