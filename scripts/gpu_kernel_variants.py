@@ -24,10 +24,14 @@ Three parts, one call:
    wrong results by design) drop one stage at a time: 4 an empty grid, 3 the input load and
    compaction only, 2 that plus the split-K fix-up (no weight loop), 1 everything but the
    fix-up; 0 is the real kernel.
+6. ``single``: one chunk per program covering all of K (no split-K, so no fix-up: the sums are
+   stored directly) against the autotuned split-K kernel, where K is 4096.
 
     PYTHONPATH=. python3 scripts/gpu_kernel_variants.py --out $OUT/kernel_variants.json
-    python3 scripts/gpu_kernel_variants.py --render benchmarks/kernel_variants_h100.json \
-        benchmarks/kernel_dot_h100.json --md benchmarks/kernel_variants_h100.md   # no GPU needed
+    python3 scripts/gpu_kernel_variants.py --render benchmarks/kernel_variants_h100.json \\
+        benchmarks/kernel_graphtune_h100.json benchmarks/kernel_probe_h100.json \\
+        benchmarks/kernel_single_h100.json benchmarks/kernel_dot_h100.json \\
+        --md benchmarks/kernel_variants_h100.md   # no GPU needed
 """
 
 from __future__ import annotations
@@ -212,18 +216,22 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         lines.append(f"`{r['command']}` (torch {r['torch']}, {r.get('wall_s', 0):.0f} s)  ")
     lines.append("")
-    sweep = [row for r in results for row in r.get("sweep", [])]
+    sweep = [dict(row, tuner=r.get("autotune_bench", "")) for r in results for row in r.get("sweep", [])]
     if sweep:
         lines += ["## Configurations (batch 1)", "",
-                  "| shape | s | dense us | autotuned us (config) | best in graph us (config) | best speedup | "
-                  "TEAL H100 | ideal | num_stages 1..4 spread us |", "|---|---|---|---|---|---|---|---|---|"]
+                  "The autotuner timed its candidates with `do_bench` (single launches) in the first run, "
+                  "and from a CUDA graph with L2 flushed before each call in the second "
+                  "(`actsparse/kernels/triton/_runtime.py`, `graph_bench`).", "",
+                  "| autotuner timing | shape | s | dense us | autotuned us (config) | best in graph us (config) | "
+                  "best speedup | TEAL H100 | ideal | num_stages 1..4 spread us |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in sweep:
             ok = {k: v["us"] for k, v in row["configs"].items() if "us" in v}
             best = min(ok, key=ok.get)
             staged = [ok[k] for k in (re.sub(r"s\d", f"s{n}", best, count=1) for n in (1, 2, 3, 4)) if k in ok]
             spread = f"{max(staged) - min(staged):.1f}" if len(staged) > 1 else "-"
             teal = TEAL_H100[TEAL_KEY[row["shape"]]][TEAL_SPARSITIES.index(row["sparsity"])]
-            lines.append(f"| {row['shape']} | {row['sparsity']:.2f} | {row['dense_us']:.1f} | "
+            lines.append(f"| {row['tuner']} | {row['shape']} | {row['sparsity']:.2f} | {row['dense_us']:.1f} | "
                          f"{row['autotuned_us']:.1f} ({row['autotuned_config']}) | {ok[best]:.1f} ({best}) | "
                          f"{row['dense_us'] / ok[best]:.2f} | {teal:.2f} | {1 / (1 - row['sparsity']):.2f} | "
                          f"{spread} |")
@@ -268,6 +276,19 @@ def markdown(results: list[dict]) -> str:
                          f"{parts['launch_and_empty_grid']:.1f} | {parts['x_load_and_compaction']:.1f} | "
                          f"{parts['weight_loop_and_partial_adds']:.1f} | {parts['split_k_fixup']:.1f} | "
                          f"{row['weight_read_us_at_copy_rate']:.1f} |")
+        lines.append("")
+    single = [row for r in results for row in r.get("single", [])]
+    if single:
+        lines += ["## One chunk per program (no split-K) against split-K", "",
+                  "A program reads its block of outputs over all of K = 4096 and stores the sums directly "
+                  "(no fix-up); fewer programs, each walking a longer list.", "",
+                  "| shape | s | dense us | split-K, autotuned us (config) | one chunk, best us (config) |",
+                  "|---|---|---|---|---|"]
+        for row in single:
+            ok = {k: v["us"] for k, v in row["configs"].items() if "us" in v}
+            best = min(ok, key=ok.get)
+            lines.append(f"| {row['shape']} | {row['sparsity']:.2f} | {row['dense_us']:.1f} | "
+                         f"{row['autotuned_us']:.1f} ({row['autotuned_config']}) | {ok[best]:.1f} ({best}) |")
         lines.append("")
     dot = [row for r in results for row in r.get("dot", [])]
     if dot:
@@ -329,6 +350,44 @@ def probe_part(save, res) -> list[dict]:
     return out
 
 
+def single_configs():
+    out = []
+    for bk, bn, w, pf in ((32, 64, 2, False), (32, 128, 2, False), (64, 128, 4, False), (32, 128, 4, True),
+                          (64, 64, 2, False), (16, 128, 2, True), (64, 256, 4, False), (32, 64, 4, True),
+                          (128, 64, 4, False)):
+        out.append(dict(COMPACT=True, CHUNK=4096, BLOCK_K=bk, BLOCK_N=bn, PREFETCH=pf, num_warps=w, num_stages=1))
+    return out
+
+
+def single_part(save, res) -> list[dict]:
+    """Chunk = K (4096): each program reads its output block's weights over all of K."""
+    shapes = {"gate_up": SHAPES["gate_up"], "q_o": SHAPES["q_o"], **FUSED}
+    out = []
+    for name, (K, ns) in shapes.items():
+        for s in (0.25, 0.5, 0.9):
+            case = Case(K, ns, s)
+            d = dense_us(case)
+            auto, auto_cfg = autotuned_us(case)
+            row = {"shape": name, "K": K, "N": ns, "sparsity": s, "dense_us": d, "autotuned_us": auto,
+                   "autotuned_config": auto_cfg, "configs": {}}
+            for cfg in single_configs():
+                try:
+                    us, err = time_config(case, cfg)
+                except Exception as e:
+                    row["configs"][short(cfg)] = {"error": repr(e)[:200]}
+                    continue
+                row["configs"][short(cfg)] = {"us": us, "err": err}
+            ok = sorted((v["us"], k) for k, v in row["configs"].items() if "us" in v)
+            print(f"single {name:8s} s={s:.2f} dense {d:6.1f} split-K autotuned {auto:6.1f} ({auto_cfg}) one chunk: "
+                  + ", ".join(f"{k} {u:.1f}" for u, k in ok[:3]), flush=True)
+            out.append(row)
+            res["single"] = out
+            save()
+            del case
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     if "--render" in sys.argv:
         p = argparse.ArgumentParser()
@@ -345,7 +404,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=3, help="configs carried into the PDL and fused parts")
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--parts", nargs="+", default=["sweep", "pdl", "fused", "dot"],
-                   choices=["sweep", "pdl", "fused", "dot", "probe"])
+                   choices=["sweep", "pdl", "fused", "dot", "probe", "single"])
     p.add_argument("--dot-rows", type=int, nargs="+", default=[1, 2, 4, 16])
     args = p.parse_args()
     from actsparse.kernels.triton import sparse_gemv as sg
@@ -353,6 +412,7 @@ def main() -> int:
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "pdl_available": sg.PDL_AVAILABLE,
+           "autotune_bench": "CUDA graph, L2 flushed",
            "command": "PYTHONPATH=. python3 scripts/gpu_kernel_variants.py " + " ".join(sys.argv[1:]),
            "sweep": [], "pdl": [], "fused": []}
 
@@ -367,6 +427,8 @@ def main() -> int:
         res["dot"] = dot_part(args.dot_rows, save, res)
     if "probe" in args.parts:
         res["probe"] = probe_part(save, res)
+    if "single" in args.parts:
+        res["single"] = single_part(save, res)
     cands = candidates()
     score: dict[str, list[float]] = {}  # config -> speedups over all sweep cases
     by_name = {short(c): c for c in cands}

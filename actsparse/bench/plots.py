@@ -40,7 +40,8 @@ E2E_FILES = {"HF generate, static cache": "benchmarks/e2e_h100.json",
              "minimal loop (no host sync per token)": "benchmarks/e2e_lean_h100.json",
              "HF generate, batches": "benchmarks/e2e_batch_h100.json",
              "HF generate, batches, second run (another machine, slower host)": "benchmarks/e2e_batch_rerun_h100.json",
-             "minimal loop, batches": "benchmarks/e2e_lean_batch_h100.json"}
+             "minimal loop, batches": "benchmarks/e2e_lean_batch_h100.json",
+             "minimal loop, 50%, after graph-timed autotuning": "benchmarks/e2e_lean_graphtune_h100.json"}
 
 
 def e2e_markdown(files: dict[str, str] = E2E_FILES, probe: str | None = "benchmarks/gpu_probe_overhead_h100.json") -> str:
