@@ -15,7 +15,9 @@ once up to the largest target. Rows are written to the JSON as they finish, so a
 interrupted run keeps its rows and ``--resume`` continues it. With several models and
 ``--jobs`` > 1 each model runs in its own process (one thread each: on a small shared
 machine two busy threads in one process are several times slower than one, from OpenMP
-waits), then the per-model files are merged.
+waits), then the per-model files are merged. ``--render`` only re-writes the markdown and the
+plot from the JSON; the learned-predictor rows and the MLP weight bytes per token come from
+``predictor_<model>.json`` next to it (``actsparse.bench.predictor``) when it exists.
 """
 
 from __future__ import annotations
@@ -327,7 +329,100 @@ def target_check(rows: list[dict], at: float = 0.5) -> dict | None:
             "best_method": best, "increase_ratio_best_over_teal": round(ratio, 3), "met": bool(ratio <= 0.5)}
 
 
-def markdown(result: dict) -> str:
+def predictor_file(out: Path, model: str) -> Path:
+    """Where ``actsparse.bench.predictor`` writes ``model``'s rows: next to ``out``."""
+    return out.with_name(f"predictor_{model}.json")
+
+
+def load_predictor(out: Path, models) -> dict[str, dict]:
+    """The predictor bench's per-model files next to ``out`` that exist, keyed by model.
+
+    They hold the learned-predictor rows and the MLP bytes of the threshold methods, which the
+    accuracy rows do not store (no per-module sparsities), so the table borrows them.
+    """
+    found = {}
+    for model in models:
+        path = predictor_file(out, model)
+        if path.exists():
+            found[model] = {**json.loads(path.read_text()), "file": "/".join(path.parts[-2:])}
+    return found
+
+
+def mlp_bytes(row: dict, pred: dict | None) -> tuple[float | None, str]:
+    """(MLP weight bytes per token / dense, source) of an accuracy row, from the predictor bench's file.
+
+    ``eval``: its row of the same method and target, measured on the same text (same perplexity,
+    so the same plan); ``calib``: its bytes from the plan's calibration-measured sparsities; None
+    where the file has neither (the row's per-module sparsities are stored nowhere).
+    """
+    if row["method"] == "dense":
+        return 1.0, "eval"
+    target = row.get("target")
+    if not pred or target is None:
+        return None, ""
+    for r in pred.get("rows", []):
+        if (r["method"] == row["method"] and r.get("target") is not None and _in(r["target"], [target])
+                and math.isclose(r["ppl"], row["ppl"], rel_tol=1e-4)):
+            return r["mlp_bytes"]["ratio"], "eval"
+    for key, b in pred.get("bytes", {}).items():
+        method, _, t = key.rpartition("@")
+        if method == row["method"] and _in(float(t), [target]):
+            return b["ratio"], "calib"
+    return None, ""
+
+
+def _bytes_cell(value: float | None, source: str) -> str:
+    return "n/a" if value is None else f"{value:.3f}" + (" (cal.)" if source == "calib" else "")
+
+
+def _bytes_note(rows: list[dict], pred: dict | None) -> str:
+    missing = sorted({r["method"] for r in rows if mlp_bytes(r, pred)[0] is None})
+    src = f"`{pred['file']}`" if pred else "the predictor bench's file (absent here)"
+    note = ("MLP bytes / dense: MLP weight bytes (gate, up and down) read per token at batch 1 over the dense "
+            "MLP's, as `mlp_bytes_per_token` in actsparse.bench.predictor counts them, taken from "
+            f"{src}: measured from the masks on the same perplexity text where that file has the same row "
+            "(same method, target and perplexity), else (cal.) from the plan's calibration-measured sparsities")
+    if missing:
+        note += (f"; n/a ({', '.join(missing)}): not derivable from stored data, since neither file stores "
+                 "their per-module sparsities and the effective sparsity mixes attention and MLP")
+    return note + "."
+
+
+def _predictor_lines(pred: dict, tasks: list[str], dense: dict | None) -> list[str]:
+    """The learned-predictor rows of the predictor bench's file, as their own table."""
+    rows = sorted((r for r in pred.get("rows", []) if r["method"] == "predictor"), key=lambda r: r["target"])
+    if not rows:
+        return []
+    pc, cfg = pred.get("predictor_config", {}), pred.get("config", {})
+    added: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("tasks_added_by"):
+            added.setdefault(r["tasks_added_by"], []).append(f"{r['target']:.2f}")
+    rank = next((r["predictor"]["rank"] for r in rows if r.get("predictor")), "?")
+    lines = ["", f"### Learned predictor (from `{pred['file']}`)", "",
+             f"Rows of `{pred['file']}`, written by `{cfg.get('command', '')}`"
+             + "".join(f"; tasks at {', '.join(ts)} added by `{c}`" for c, ts in added.items())
+             + f". Predictor: rank {rank} ({pc.get('rank')} of d), labels `{pc.get('label')}` at sparsity "
+             f"{pc.get('label_sparsity') or 'of each target'}, selection `{pc.get('selection')}`, "
+             f"{pc.get('epochs')} epochs, {pc.get('train_tokens')} training tokens from the calibration articles, "
+             f"{cfg.get('task_limit')} "
+             "examples per task. Target: fraction of MLP neurons skipped (gate, up and down); effective "
+             "sparsity weighted like the rows above; MLP bytes from the masks on the perplexity text, the "
+             "predictor's own weights included; ppl increase over the dense row above.", "",
+             "| method | target | effective sparsity (eval) | MLP bytes / dense | ppl | ppl increase | "
+             + " | ".join(f"{t} acc" for t in tasks) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        inc = "" if dense is None else f"{r['ppl'] - dense['ppl']:+.2f}"
+        accs = [f"{r[t]['acc']:.3f}" if t in r else "" for t in tasks]
+        lines.append(f"| predictor | {r['target']:.2f} | {r.get('effective_sparsity', 0):.3f} | "
+                     f"{r['mlp_bytes']['ratio']:.3f} | {r['ppl']:.2f} | {inc} | " + " | ".join(accs) + " |")
+    return lines
+
+
+def markdown(result: dict, predictor: dict[str, dict] | None = None) -> str:
+    """The accuracy tables; ``predictor`` (model -> predictor bench file) adds bytes and predictor rows."""
+    predictor = predictor or {}
     lines = ["# Accuracy of activation-sparsity methods (CPU, fp32)", ""]
     cfg = result.get("config", {})
     lines += [f"Command: `{cfg.get('command', '')}`", "",
@@ -340,16 +435,19 @@ def markdown(result: dict) -> str:
               f"{cfg.get('target_meaning')}.", ""]
     for model, rows in result.get("models", {}).items():
         dense = next((r for r in rows if r["method"] == "dense"), None)
+        pred = predictor.get(model)
         lines += [f"## {model}", "",
-                  "| method | target | sparsity (calib.) | effective sparsity (eval) | ppl | ppl increase | "
-                  + " | ".join(f"{t} acc" for t in cfg.get("tasks", [])) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(cfg.get("tasks", []))]
+                  "| method | target | sparsity (calib.) | effective sparsity (eval) | MLP bytes / dense | ppl | "
+                  "ppl increase | " + " | ".join(f"{t} acc" for t in cfg.get("tasks", [])) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(cfg.get("tasks", []))]
         for r in sorted(rows, key=lambda r: (r["method"] != "dense", r["method"], r.get("target") or 0)):
             inc = "" if dense is None or r is dense else f"{r['ppl'] - dense['ppl']:+.2f}"
             accs = [f"{r[t]['acc']:.3f}" if t in r else "" for t in cfg.get("tasks", [])]
             tgt = "" if r.get("target") is None else f"{r['target']:.2f}"
             lines.append(f"| {r['method']} | {tgt} | {r.get('overall_sparsity', 0):.3f} | "
-                         f"{r.get('effective_sparsity', 0):.3f} | {r['ppl']:.2f} | {inc} | " + " | ".join(accs) + " |")
+                         f"{r.get('effective_sparsity', 0):.3f} | {_bytes_cell(*mlp_bytes(r, pred))} | "
+                         f"{r['ppl']:.2f} | {inc} | " + " | ".join(accs) + " |")
+        lines += ["", _bytes_note(rows, pred)]
         chk = result.get("target_check", {}).get(model)
         if chk:
             lines += ["", f"At {chk['at_effective_sparsity']:.0%} effective sparsity (log-linear between rows): "
@@ -357,11 +455,13 @@ def markdown(result: dict) -> str:
                       + f"; dense {chk['dense_ppl']:.2f}. Best: {chk['best_method']}, its increase is "
                       f"{chk['increase_ratio_best_over_teal']:.2f} of teal's "
                       f"(target <= 0.5: {'met' if chk['met'] else 'not met'})."]
+        if pred:
+            lines += _predictor_lines(pred, list(cfg.get("tasks", [])), dense)
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, predictor: dict[str, dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,6 +474,11 @@ def plot(result: dict, path: Path) -> None:
         for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
             pts = sorted((r["effective_sparsity"], r["ppl"]) for r in rows if r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        pred = (predictor or {}).get(model, {})
+        pts = sorted((r["effective_sparsity"], r["ppl"]) for r in pred.get("rows", []) if r["method"] == "predictor")
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", linestyle="--",
+                    label=f"predictor ({pred['file'].rpartition('/')[2]})")
         dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
@@ -402,9 +507,15 @@ def merge(per_model: dict[str, dict], out: Path) -> dict:
               "calibration_seconds": {m: d.get("calibration_seconds") for m, d in per_model.items()}}
     result["target_check"] = {m: target_check(rows) for m, rows in result["models"].items()}
     _write_json(out, result)
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
+    render(result, out)
     return result
+
+
+def render(result: dict, out: Path) -> None:
+    """The markdown table and the plot of ``result`` next to ``out``, with the predictor bench's files."""
+    predictor = load_predictor(out, result.get("models", {}))
+    out.with_suffix(".md").write_text(markdown(result, predictor))
+    plot(result, out.with_suffix(".png"), predictor)
 
 
 # ---------------------------------------------------------------------------------- command
@@ -438,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="keep the rows already in the per-model files")
     add("--add-tasks", action="store_true",
         help="only evaluate the tasks for existing rows of --methods at --task-targets that lack them")
+    add("--render", action="store_true",
+        help="evaluate nothing: re-render the markdown and plot of --out (and the predictor files next to it)")
     add("--out", default="benchmarks/accuracy.json")
     return p
 
@@ -450,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.render:
+        render(json.loads(out.read_text()), out)
+        _log(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+        return 0
     if len(args.models) > 1 and args.jobs > 1:
         argv = list(sys.argv[1:] if argv is None else argv)
         procs = []

@@ -16,6 +16,10 @@ imported, so the figures are comparable with benchmarks/accuracy.json):
 
 Target: at the WikiText-2 perplexity of cats at 50%, the predictor reads at least 25% fewer
 MLP weight bytes per token (log-linear interpolation between predictor rows).
+
+``--add-tasks`` evaluates only the tasks of existing predictor rows at ``--task-targets`` that
+lack them, retraining the predictor with the file's seed and settings, so tasks can be filled in
+later without recomputing perplexity or bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .accuracy import MaskObserver, _evaluate, _log, _strip, _write_json
+from .accuracy import MaskObserver, _evaluate, _evaluate_tasks, _in, _log, _strip, _write_json
 
 TARGETS = (0.25, 0.4, 0.5, 0.6)
 TASKS = ("piqa", "arc_easy", "winogrande")
@@ -273,6 +277,67 @@ def run_model(name: str, args, out: Path) -> dict:
     return data
 
 
+#: Settings a row's predictor depends on: ``--add-tasks`` retrains it only if they match the file's.
+_SAME = ("rank", "label", "selection", "epochs", "lr", "seed", "label_sparsity")
+
+
+def _mismatch(args, data: dict) -> list[str]:
+    """Settings in ``args`` that differ from the ones the file's rows were made with."""
+    pc, cfg = data.get("predictor_config", {}), data.get("config", {})
+    bad = [f"--{a.replace('_', '-')} {getattr(args, a)} (file: {pc.get(a)})"
+           for a in _SAME if pc.get(a) != getattr(args, a)]
+    for a, k in (("train_tokens", "predictor_train_tokens"), ("limit", "task_limit"), ("seed", "task_seed"),
+                 ("window", "window")):
+        if cfg.get(k) != getattr(args, a):
+            bad.append(f"--{a.replace('_', '-')} {getattr(args, a)} (file: {cfg.get(k)})")
+    return bad
+
+
+def add_tasks(name: str, args, out: Path) -> dict:
+    """``--add-tasks``: the tasks for existing predictor rows at ``--task-targets`` that lack them.
+
+    Perplexity, bytes and recall stay as they are; the predictor is retrained with the file's
+    settings and seed (refused if ``args`` differ), and its held-out recall is stored next to the
+    row's as ``tasks_recall`` so a retrained predictor that is not the same one shows.
+    """
+    from .. import models
+    from ..calibration import wikitext2_split
+    from ..calibration.predictor import PredictorConfig, PredictorTrainer
+    from ..calibration.sites import masked_sites, trace_sites
+
+    data = json.loads(out.read_text())
+    todo = [r for r in data["rows"] if r["method"] == "predictor" and _in(r["target"], args.task_targets)
+            and not all(t in r for t in args.tasks)]
+    if not todo:
+        return data
+    bad = _mismatch(args, data)
+    if bad:
+        raise SystemExit(f"{out}: settings differ from the file's rows: " + ", ".join(bad))
+    model, tok = models.load(name)
+    cal_text, _, split = wikitext2_split(args.data, args.calibration_articles)
+    cfg = PredictorConfig(rank=args.rank, label=args.label, selection=args.selection, epochs=args.epochs,
+                          lr=args.lr, seed=args.seed)
+    trainer = PredictorTrainer(model, cal_text, tok, config=cfg, token_budget=args.train_tokens,
+                               batch_size=args.batch_size, seq_len=args.window, progress=args.progress,
+                               source=split["source"])
+    total = sum(s.params for s in masked_sites(trace_sites(model)))
+    for row in todo:
+        plan = trainer.plan(row["target"], args.label_sparsity)
+        recall = plan.info["predictor"]["mean_recall"]
+        torch._dynamo.reset()
+        fwd = torch.compile(model, backend=ObservingBackend(plan, Observer(total)))
+        row.update(_evaluate_tasks(fwd, tok, args, list(args.tasks)))
+        row["tasks_recall"] = recall
+        row["tasks_added_by"] = "python -m actsparse.bench.predictor " + " ".join(sys.argv[1:])
+        done = sorted({r["target"] for r in data["rows"] if r["method"] == "predictor" and args.tasks[0] in r})
+        data["config"]["task_targets"] = done
+        _write_json(out, data)
+        _log(f"{name}: predictor @ {row['target']}: recall {recall:.4f} (row: {row['predictor']['mean_recall']:.4f}), "
+             "tasks " + ", ".join(f"{t} {row[t].get('acc', float('nan')):.3f}" for t in args.tasks))
+    torch._dynamo.reset()
+    return data
+
+
 def _config(args, split: dict) -> dict:
     return {
         "command": "python -m actsparse.bench.predictor " + " ".join(sys.argv[1:]),
@@ -494,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=1)
     add("--jobs", type=int, default=2)
     add("--resume", action="store_true")
+    add("--add-tasks", action="store_true",
+        help="only evaluate the tasks for existing predictor rows at --task-targets that lack them")
     add("--progress", action="store_true")
     add("--save-plans", default=None, metavar="DIR", help="also save each predictor plan (JSON + safetensors)")
     add("--out", default="benchmarks/predictor.json")
@@ -519,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for model in args.models:
             target = out if len(args.models) == 1 and out.stem.endswith(model) else _model_out(out, model)
-            run_model(model, args, target)
+            (add_tasks if args.add_tasks else run_model)(model, args, target)
     if len(args.models) == 1 and out.stem.endswith(args.models[0]):
         return 0
     per_model = {m: json.loads(_model_out(out, m).read_text()) for m in args.models if _model_out(out, m).exists()}
