@@ -80,10 +80,25 @@ def candidates():
     return out
 
 
+def head_candidates():
+    """The usual winners, each with and without the speculative head (``HEAD``)."""
+    out = []
+    for chunk, bk, bn, w, pf in ((512, 32, 256, 2, False), (512, 16, 512, 4, False), (512, 16, 512, 4, True),
+                                 (256, 32, 256, 2, False), (256, 16, 512, 4, False), (512, 32, 512, 4, False),
+                                 (1024, 16, 256, 2, False), (512, 64, 256, 4, False), (256, 64, 256, 4, True)):
+        for head in (False, True):
+            d = dict(COMPACT=True, CHUNK=chunk, BLOCK_K=bk, BLOCK_N=bn, PREFETCH=pf, num_warps=w, num_stages=1)
+            if head:
+                d["HEAD"] = True
+            out.append(d)
+    return out
+
+
 def short(cfg) -> str:
     s = f"{'c' if cfg['COMPACT'] else 'p'}{cfg['CHUNK']}/{cfg['BLOCK_K']}/{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
     s += "" if cfg.get("PREFETCH", True) else "n"
     s += "e" if cfg.get("W_EVICT") else ""
+    s += "h" if cfg.get("HEAD") else ""
     s += f"+pdl{cfg['PDL']}" if cfg.get("PDL") else ""
     return s
 
@@ -212,7 +227,7 @@ def markdown(results: list[dict]) -> str:
              "copies that miss L2 (as `actsparse.bench.kernels` times them); every result is checked "
              "against the fp32 reference after the replays (all within 1.7e-3, as dense bf16). "
              "Config names: `c`CHUNK/BLOCK_K/BLOCK_N, `w` warps, `s` num_stages, `n` no hand prefetch, "
-             "`e` evict-first weight loads.", ""]
+             "`e` evict-first weight loads, `h` speculative head.", ""]
     for r in results:
         lines.append(f"`{r['command']}` (torch {r['torch']}, {r.get('wall_s', 0):.0f} s)  ")
     lines.append("")
@@ -406,6 +421,8 @@ def main() -> int:
     p.add_argument("--parts", nargs="+", default=["sweep", "pdl", "fused", "dot"],
                    choices=["sweep", "pdl", "fused", "dot", "probe", "single"])
     p.add_argument("--dot-rows", type=int, nargs="+", default=[1, 2, 4, 16])
+    p.add_argument("--candidates", choices=["all", "head"], default="all",
+                   help="sweep candidates: the full list, or the usual winners with and without HEAD")
     args = p.parse_args()
     from actsparse.kernels.triton import sparse_gemv as sg
 
@@ -429,7 +446,7 @@ def main() -> int:
         res["probe"] = probe_part(save, res)
     if "single" in args.parts:
         res["single"] = single_part(save, res)
-    cands = candidates()
+    cands = candidates() if args.candidates == "all" else head_candidates()
     score: dict[str, list[float]] = {}  # config -> speedups over all sweep cases
     by_name = {short(c): c for c in cands}
     for name, (K, ns) in (SHAPES.items() if "sweep" in args.parts else []):
