@@ -30,7 +30,7 @@ Three parts, one call:
     PYTHONPATH=. python3 scripts/gpu_kernel_variants.py --out $OUT/kernel_variants.json
     python3 scripts/gpu_kernel_variants.py --render benchmarks/kernel_variants_h100.json \\
         benchmarks/kernel_graphtune_h100.json benchmarks/kernel_probe_h100.json \\
-        benchmarks/kernel_single_h100.json benchmarks/kernel_dot_h100.json \\
+        benchmarks/kernel_single_h100.json benchmarks/kernel_head_h100.json benchmarks/kernel_dot_h100.json \\
         --md benchmarks/kernel_variants_h100.md   # no GPU needed
 """
 
@@ -77,20 +77,6 @@ def candidates():
         add(chunk, bk, bn, w, pf=True)
     add(512, 32, 256, 2, ev="evict_first")
     add(512, 16, 512, 4, ev="evict_first")
-    return out
-
-
-def head_candidates():
-    """The usual winners, each with and without the speculative head (``HEAD``)."""
-    out = []
-    for chunk, bk, bn, w, pf in ((512, 32, 256, 2, False), (512, 16, 512, 4, False), (512, 16, 512, 4, True),
-                                 (256, 32, 256, 2, False), (256, 16, 512, 4, False), (512, 32, 512, 4, False),
-                                 (1024, 16, 256, 2, False), (512, 64, 256, 4, False), (256, 64, 256, 4, True)):
-        for head in (False, True):
-            d = dict(COMPACT=True, CHUNK=chunk, BLOCK_K=bk, BLOCK_N=bn, PREFETCH=pf, num_warps=w, num_stages=1)
-            if head:
-                d["HEAD"] = True
-            out.append(d)
     return out
 
 
@@ -232,6 +218,8 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"`{r['command']}` (torch {r['torch']}, {r.get('wall_s', 0):.0f} s)  ")
     lines.append("")
     sweep = [dict(row, tuner=r.get("autotune_bench", "")) for r in results for row in r.get("sweep", [])]
+    heads = [row for row in sweep if any(k.endswith("h") for k in row["configs"])]
+    sweep = [row for row in sweep if row not in heads]
     if sweep:
         lines += ["## Configurations (batch 1)", "",
                   "The autotuner timed its candidates with `do_bench` (single launches) in the first run, "
@@ -250,6 +238,20 @@ def markdown(results: list[dict]) -> str:
                          f"{row['autotuned_us']:.1f} ({row['autotuned_config']}) | {ok[best]:.1f} ({best}) | "
                          f"{row['dense_us'] / ok[best]:.2f} | {teal:.2f} | {1 / (1 - row['sparsity']):.2f} | "
                          f"{spread} |")
+        lines.append("")
+    if heads:
+        lines += ["## Speculative head (measured, then removed from the kernel)", "",
+                  "`h`: each program first requested the weight rows of its chunk's first BLOCK_K channels, "
+                  "before x was loaded and compacted, and left those channels out of the list; the idea was to "
+                  "fill the memory-idle prologue. It was slower everywhere, most at 90% where most of those "
+                  "rows are wasted; our reading is that the early weight requests delay the x load the "
+                  "compaction waits for. The variant is in the history (commit 119f326), not in the kernel.", "",
+                  "| shape | s | best without head us (config) | best with head us (config) |", "|---|---|---|---|"]
+        for row in heads:
+            ok = {k: v["us"] for k, v in row["configs"].items() if "us" in v}
+            plain = min((k for k in ok if not k.endswith("h")), key=ok.get)
+            head = min((k for k in ok if k.endswith("h")), key=ok.get)
+            lines.append(f"| {row['shape']} | {row['sparsity']:.2f} | {ok[plain]:.1f} ({plain}) | {ok[head]:.1f} ({head}) |")
         lines.append("")
     pdl = [row for r in results for row in r.get("pdl", []) if "us" in row]
     if pdl:
@@ -421,8 +423,6 @@ def main() -> int:
     p.add_argument("--parts", nargs="+", default=["sweep", "pdl", "fused", "dot"],
                    choices=["sweep", "pdl", "fused", "dot", "probe", "single"])
     p.add_argument("--dot-rows", type=int, nargs="+", default=[1, 2, 4, 16])
-    p.add_argument("--candidates", choices=["all", "head"], default="all",
-                   help="sweep candidates: the full list, or the usual winners with and without HEAD")
     args = p.parse_args()
     from actsparse.kernels.triton import sparse_gemv as sg
 
@@ -446,7 +446,7 @@ def main() -> int:
         res["probe"] = probe_part(save, res)
     if "single" in args.parts:
         res["single"] = single_part(save, res)
-    cands = candidates() if args.candidates == "all" else head_candidates()
+    cands = candidates()
     score: dict[str, list[float]] = {}  # config -> speedups over all sweep cases
     by_name = {short(c): c for c in cands}
     for name, (K, ns) in (SHAPES.items() if "sweep" in args.parts else []):

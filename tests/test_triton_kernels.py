@@ -35,9 +35,6 @@ CONFIGS = [  # interpreter-sized versions of both kernel paths
     dict(COMPACT=True, CHUNK=16, BLOCK_K=16, BLOCK_N=16, num_warps=4),
     dict(COMPACT=True, CHUNK=128, BLOCK_K=32, BLOCK_N=64, num_warps=4),  # one chunk, one block
     dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=16, num_warps=4, PREFETCH=False),  # plain loop
-    dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=32, num_warps=4, HEAD=True),  # speculative head
-    dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=16, num_warps=4, PREFETCH=False, HEAD=True),
-    dict(COMPACT=True, CHUNK=16, BLOCK_K=16, BLOCK_N=16, num_warps=4, HEAD=True),  # head = whole chunk
 ]
 
 
@@ -113,16 +110,6 @@ def test_batch_split_k_three_outputs_with_tails(M, prefetch):
     cfg = dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=16, num_warps=4, PREFETCH=prefetch)
     run_case(M, 136, [64, 16, 24], torch.bfloat16, seed=20 + M, sparsity=0.5, row_scale=True, config=cfg)
     run_case(M, 136, [40], torch.float32, seed=30 + M, sparsity=0.8, row_scale=False, config=cfg)
-
-
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.get("HEAD")],
-                         ids=lambda c: f"chunk{c['CHUNK']}-prefetch{int(c.get('PREFETCH', True))}")
-@pytest.mark.parametrize("M", [1, 3, 16])
-def test_speculative_head_any_sparsity(config, M):
-    # the head's rows are read whatever x is; channels in it must still follow the mask, and
-    # the compacted list must leave them out (counted once)
-    for i, s in enumerate((0.0, 0.5, 0.95)):
-        run_case(M, 72, [40, 24], torch.bfloat16, seed=40 + 3 * M + i, sparsity=s, row_scale=True, config=config)
 
 
 def test_epilogue_reads_workspace_before_resetting_it():

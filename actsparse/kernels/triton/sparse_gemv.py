@@ -117,14 +117,8 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                  COMPACT: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  IDX_CACHE: tl.constexpr, W_EVICT: tl.constexpr, HAS_CT: tl.constexpr,
-                 PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0, HEAD: tl.constexpr = False):
-    """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k.
-
-    HEAD: the weight rows of the chunk's first BLOCK_K channels are requested at once, before
-    anything is known about x, and those channels are left out of the compacted list. Memory
-    is idle while x is loaded and compacted; the head fills that time with reads, some of them
-    useless (rows whose channel turns out inactive), and the loop has that many fewer rows.
-    """
+                 PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0):
+    """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, input channels of chunk pid_k."""
     pid_k = tl.program_id(1)
     k0 = pid_k * CHUNK
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,10 +135,6 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
 
     if COMPACT:
-        if HEAD:  # issued first: the weight loads do not wait for x (valid = in range only)
-            hrows = k0 + tl.arange(0, BLOCK_K)
-            xh, keeph, wh = _load_tile(X, stride_xm, stride_xk, W, swn, swk, hrows, hrows < K,
-                                       offs_m, m_ok, offs_n, n_ok, cutoff, CT, True, HAS_CT, W_EVICT)
         # 1. which channels of this chunk does any row need? (the union, one row at a time:
         # elementwise ORs only, no cross-thread reduction before the prefix sum)
         offs_c = tl.arange(0, CHUNK)
@@ -163,8 +153,6 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
             else:
                 hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
             active = tl.maximum(active, hit.to(tl.int32))
-        if HEAD:  # the head's channels are done apart
-            active = tl.where(offs_c >= BLOCK_K, active, 0)
         # 2. compact them: the i-th active channel goes to slot i of this chunk's scratch.
         # Every program of the same (output, chunk) writes the same list, so sharing is safe.
         pos = tl.cumsum(active, axis=0) - 1
@@ -189,8 +177,6 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                                      offs_m, m_ok, offs_n, n_ok, cutoff, CT, True, HAS_CT, W_EVICT)
             nxt = BLOCK_K + offs_j
             idx = tl.load(scr + nxt, mask=nxt < n_act, other=0, cache_modifier=IDX_CACHE)
-            if HEAD:  # its rows have long arrived; the list's first rows are in flight
-                acc = _fma(acc, xh, keeph, wh, M_PAD, DOT_PRECISION)
             for j in range(0, n_act, BLOCK_K):
                 nj = j + BLOCK_K + offs_j
                 xg_n, keep_n, w_n = _load_tile(X, stride_xm, stride_xk, W, swn, swk, k0 + idx, nj < n_act,
@@ -204,8 +190,6 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
                 keep = keep_n
                 w = w_n
         else:
-            if HEAD:
-                acc = _fma(acc, xh, keeph, wh, M_PAD, DOT_PRECISION)
             for j in range(0, n_act, BLOCK_K):
                 valid = (j + offs_j) < n_act
                 rows = k0 + idx
@@ -273,7 +257,7 @@ def _sparse_linear_kernel(
     HAS_CT0: tl.constexpr, HAS_CT1: tl.constexpr, HAS_CT2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, COMPACT: tl.constexpr,
     PREFETCH: tl.constexpr = True, IDX_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
-    PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0, HEAD: tl.constexpr = False,
+    PDL: tl.constexpr = 0, PROBE: tl.constexpr = 0,
 ):
     """Grid: (output blocks of all outputs, K chunks). Each branch calls the tile with its own
     pointers and strides (no merged variables: strides keep their divisibility hints).
@@ -302,18 +286,18 @@ def _sparse_linear_kernel(
         _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W0, s_w0n, s_w0k, B0, Y0, N0, t0, CT0,
                      pid_n, 0, pid_n, 0, M, K, N_TOTAL,
                      HAS_B0, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT0, PDL, PROBE, HEAD)
+                     HAS_CT0, PDL, PROBE)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W1, s_w1n, s_w1k, B1, Y1, N1, t1, CT1,
                          pid_n - nb0, N0, pid_n, K, M, K, N_TOTAL,
                          HAS_B1, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT1, PDL, PROBE, HEAD)
+                     HAS_CT1, PDL, PROBE)
         elif NUM_OUT >= 3:
             _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR, W2, s_w2n, s_w2k, B2, Y2, N2, t2, CT2,
                          pid_n - nb0 - nb1, N0 + N1, pid_n, 2 * K, M, K, N_TOTAL,
                          HAS_B2, HAS_ROW_SCALE, M_PAD, BLOCK_N, BLOCK_K, CHUNK, COMPACT, PREFETCH, DOT_PRECISION, IDX_CACHE, W_EVICT,
-                     HAS_CT2, PDL, PROBE, HEAD)
+                     HAS_CT2, PDL, PROBE)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
@@ -343,7 +327,7 @@ CONFIGS_M1 = [
     _cfg(True, 256, 32, 128, 4, prefetch=False),
     _cfg(False, 32, 32, 256, 2),
     _cfg(False, 32, 32, 128, 2),
-    _cfg(True, 4096, 64, 128, 4, prefetch=False),  # no split-K for K <= 4096: wins near 90%
+    _cfg(True, 512, 32, 512, 4, prefetch=False),  # best on gate/up at 25-90% in graph sweeps
 ]
 CONFIGS_DOT = [  # 2..16 rows, padded to 16: compacted lists only, one tl.dot per step
     _cfg(True, 256, 32, 128, 4),
