@@ -41,7 +41,8 @@ E2E_FILES = {"HF generate, static cache": "benchmarks/e2e_h100.json",
              "HF generate, batches": "benchmarks/e2e_batch_h100.json",
              "HF generate, batches, second run (another machine, slower host)": "benchmarks/e2e_batch_rerun_h100.json",
              "minimal loop, batches": "benchmarks/e2e_lean_batch_h100.json",
-             "minimal loop, 50%, after graph-timed autotuning": "benchmarks/e2e_lean_graphtune_h100.json"}
+             "minimal loop, 50%, after graph-timed autotuning": "benchmarks/e2e_lean_graphtune_h100.json",
+             "HF generate, after graph-timed autotuning (another machine)": "benchmarks/e2e_generate_graphtune_h100.json"}
 
 
 def e2e_markdown(files: dict[str, str] = E2E_FILES, probe: str | None = "benchmarks/gpu_probe_overhead_h100.json") -> str:
