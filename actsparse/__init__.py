@@ -5,9 +5,10 @@
 """
 
 from .compiler import backend, prepare
+from .decode import greedy_decode
 from .plan import PlanError, SparsityPlan
 
-__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate"]
+__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode"]
 
 
 def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: float = 0.5, **kwargs):
