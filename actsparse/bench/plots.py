@@ -42,7 +42,9 @@ E2E_FILES = {"HF generate, static cache": "benchmarks/e2e_h100.json",
              "HF generate, batches, second run (another machine, slower host)": "benchmarks/e2e_batch_rerun_h100.json",
              "minimal loop, batches": "benchmarks/e2e_lean_batch_h100.json",
              "minimal loop, 50%, after graph-timed autotuning": "benchmarks/e2e_lean_graphtune_h100.json",
-             "HF generate, after graph-timed autotuning (another machine)": "benchmarks/e2e_generate_graphtune_h100.json"}
+             "HF generate, after graph-timed autotuning (another machine)": "benchmarks/e2e_generate_graphtune_h100.json",
+             "actsparse.greedy_decode (one static cache kept between calls)": "benchmarks/e2e_greedy_h100.json",
+             "minimal loop, one static cache for every run (same machine as the row above)": "benchmarks/e2e_lean_cache_h100.json"}
 
 
 def e2e_markdown(files: dict[str, str] = E2E_FILES, probe: str | None = "benchmarks/gpu_probe_overhead_h100.json") -> str:
