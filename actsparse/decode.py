@@ -1,8 +1,8 @@
 """Greedy decoding with no host sync per token: the loop the GPU speedups were measured in.
 
 HF ``generate`` checks its stopping criteria on the host after every token, so the host waits
-for the GPU every step and its own Python time adds to every token. On the H100 benchmark
-(``benchmarks/e2e_h100.md``) that turns 1.61-1.63x at 50% sparsity into 1.38-1.43x. This loop
+for the GPU every step and its own Python time adds to every token, which eats into the gain
+of faster kernels (the end-to-end benchmarks compare both loops). This loop
 keeps the per-token work on the device: the next token is the argmax of the last logits, the
 cache position advances in place, rows that have produced an end-of-sequence token are held
 at the pad token, and the host reads the end-of-sequence flags only every ``check_every``
@@ -40,8 +40,8 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, device: torch
     """A zeroed HF StaticCache for `batch` rows and at least `length` positions.
 
     A CUDA-graph tree records its graphs for the addresses of the cache's tensors; a new cache
-    on every call moves them, and the step is recorded again (about 90 ms on the 32-layer
-    benchmark model, counter `cudagraph_recorded_non_static_inputs`; scripts/gpu_greedy_check.py).
+    on every call moves them, and the step is recorded again (counter
+    `cudagraph_recorded_non_static_inputs`; benchmarks/studies/gpu_greedy_check.py).
     So the last cache is kept per model and reused, zeroed, when the batch size matches and the
     length falls in the same bucket. `release_cache(model)` frees it.
     """

@@ -125,6 +125,16 @@ def _spec(name: str) -> _RealSpec:
     return _REAL[name]
 
 
+def _require_gguf_readers(name: str) -> None:
+    """Reading a GGUF needs ``gguf`` and ``accelerate``: the ``models`` extra."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelNotInstalledError(f"model {name!r} is read from a GGUF file, which needs {', '.join(missing)}: "
+                                     "install `actsparse[models]` (or run `make install`)")
+
+
 def _not_installed(name: str, detail: str) -> ModelNotInstalledError:
     spec = _REAL[name]
     return ModelNotInstalledError(
@@ -329,6 +339,7 @@ def load(
     if not _is_complete(entry):
         if entry.exists():  # not ours to trust: no marker means it was never finished
             shutil.rmtree(entry, ignore_errors=True)
+        _require_gguf_readers(name)
         _build_cache(name, entry, cache_dir, source_sha)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32, attn_implementation="sdpa")

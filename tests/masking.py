@@ -19,7 +19,7 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     Statistical top-k: pre-hooks with the per-token cutoff on every non-head linear.
     WINA plans (``score == "wina"``): the pre-hook's cutoff is per channel, ``t / ||W[:, i]||``.
     """
-    from actsparse.kernels.reference import wina_cutoffs
+    from actsparse.ops.reference import wina_cutoffs
 
     handles = []
     mods = dict(model.named_modules())

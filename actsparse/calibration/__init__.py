@@ -3,33 +3,43 @@
     plan = actsparse.calibration.calibrate(model, texts, method="teal-greedy", sparsity=0.5,
                                            tokenizer=tok)
 
-Methods: ``teal`` (uniform quantile thresholds), ``teal-greedy`` (TEAL's per-block greedy
-allocation), ``cats`` (MLP activation thresholds), ``cett`` (MLP thresholds from an output-error
-budget), ``stat-topk`` (calibration-free statistical top-k). See methods.py.
+Each method is a registered class (``method.METHODS``): ``teal`` (uniform quantile
+thresholds, optionally on WINA scores), ``teal-greedy`` (TEAL's per-block greedy allocation),
+``cats`` (MLP activation thresholds), ``cett`` (MLP thresholds from an output-error budget),
+``stat-topk`` (calibration-free statistical top-k), ``predictor`` (learned predictors).
+Importing a method's module registers it.
 """
 
-from .histogram import LogHistogram, Statistics, collect_statistics
-from .methods import (CALIBRATE_METHODS, CALIBRATION_ARTICLES, METHODS, CalibrationError, Calibrator, calibrate,
-                      overall_sparsity, token_batches, wikitext2_split)
+from . import teal, greedy, cats, cett, stat_topk, predictor  # noqa: F401,I001  (registers the methods, in this order)
+from .calibrator import Calibrator, calibrate
+from .data import CALIBRATION_ARTICLES, token_batches, wikitext2_split
+from .greedy import greedy_for
+from .histogram import LogHistogram
+from .method import METHODS, CalibrationError, Made, Method, get_method, register_method
 from .predictor import PredictorConfig, PredictorTrainer, train_predictor_plan
-from .sites import SiteRecord, trace_sites
+from .sites import SiteRecord, overall_sparsity, trace_sites
+from .statistics import Statistics, collect_statistics
 
 __all__ = [
     "CALIBRATION_ARTICLES",
     "METHODS",
-    "CALIBRATE_METHODS",
-    "PredictorConfig",
-    "PredictorTrainer",
-    "train_predictor_plan",
     "CalibrationError",
     "Calibrator",
     "LogHistogram",
+    "Made",
+    "Method",
+    "PredictorConfig",
+    "PredictorTrainer",
     "SiteRecord",
     "Statistics",
     "calibrate",
     "collect_statistics",
+    "get_method",
+    "greedy_for",
     "overall_sparsity",
+    "register_method",
     "token_batches",
     "trace_sites",
+    "train_predictor_plan",
     "wikitext2_split",
 ]

@@ -8,17 +8,10 @@ threshold on the down input and only fc2 is skipped.
 
 from __future__ import annotations
 
-from .histogram import Statistics
-from .sites import SiteRecord
-
-
-def mlp_downs(sites: list[SiteRecord]) -> list[SiteRecord]:
-    return [s for s in sites if s.role == "mlp_down"]
-
-
-def skipped_modules(site: SiteRecord) -> list[str]:
-    """The linears an activation mask on this MLP skips work in: up and down, or fc2 alone."""
-    return [site.up, site.module] if site.up is not None else [site.module]
+from ..plan import ActivationThresholds
+from .method import MLP_SCOPE, Made, Method, register_method
+from .sites import SiteRecord, mlp_downs, skipped_modules
+from .statistics import Statistics
 
 
 def cats_rules(sites: list[SiteRecord], stats: Statistics,
@@ -32,3 +25,14 @@ def cats_rules(sites: list[SiteRecord], stats: Statistics,
         for m in skipped_modules(s):
             measured[m] = hist.cdf(t)
     return thresholds, measured
+
+
+@register_method
+class Cats(Method):
+    name = "cats"
+    needs = ("act",)
+    target_scope = MLP_SCOPE
+
+    def make(self, cal, sparsity: float, **_) -> Made:
+        acts, measured = cats_rules(cal.sites, cal.stats, sparsity)
+        return Made([ActivationThresholds(acts)], measured, sparsity)

@@ -11,14 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..eval.data import MissingDataError, data_path
+from ..models import parse_dtype
+from .data import CALIBRATION_ARTICLES
+from .method import METHODS, CalibrationError, check_options, get_method
+
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `calibrate` options to ``parser`` (validation happens in run_calibrate_command)."""
-    from .methods import CALIBRATE_METHODS, CALIBRATION_ARTICLES
-
     add = parser.add_argument
     add("--model", default="smollm2-135m", help="model name for actsparse.models.load (default: %(default)s)")
-    add("--method", default="teal-greedy", help=f"one of {', '.join(CALIBRATE_METHODS)} (default: %(default)s)")
+    add("--method", default="teal-greedy", help=f"one of {', '.join(METHODS)} (default: %(default)s)")
     add("--sparsity", type=float, default=0.5,
         help="target sparsity in [0, 1): of every masked linear input (teal, teal-greedy, stat-topk) "
              "or of MLP neurons (cats, cett) (default: %(default)s)")
@@ -44,22 +47,14 @@ class _UsageError(Exception):
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from ..eval.data import MissingDataError, data_path
-    from ..models import parse_dtype
-    from .methods import CALIBRATE_METHODS
-
-    if args.method not in CALIBRATE_METHODS:
-        raise _UsageError(f"unknown method {args.method!r}; allowed: {', '.join(CALIBRATE_METHODS)}")
-    if args.error_budget is not None:
-        if args.method != "cett":
-            raise _UsageError("--error-budget applies to --method cett only")
-        if not args.error_budget >= 0:
-            raise _UsageError(f"--error-budget must be >= 0, got {args.error_budget}")
-    elif not 0.0 <= args.sparsity < 1.0:
-        raise _UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.wina:
-        if args.method not in ("teal", "teal-greedy"):
-            raise _UsageError("--wina applies to --method teal or teal-greedy only")
+    try:
+        method = get_method(args.method)
+        options = _options(args)
+        check_options(method, options)
+        method.check_target(args.sparsity, options)
+    except CalibrationError as e:
+        raise _UsageError(str(e).replace("error_budget", "--error-budget").replace("wina ", "--wina ")
+                          .replace("sparsity must", "--sparsity must")) from None
     for flag, value, low in (("--tokens", args.tokens, 1), ("--seq-len", args.seq_len, 2),
                              ("--batch-size", args.batch_size, 1), ("--calibration-articles",
                                                                     args.calibration_articles, 1)):
@@ -80,6 +75,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise _UsageError(f"--out {out} is a directory; give the plan's file name")
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The method options the command line set (unset ones are left to the method)."""
+    return {k: v for k, v in (("wina", args.wina), ("error_budget", args.error_budget)) if v not in (None, False)}
+
+
 def run_calibrate_command(args: argparse.Namespace) -> int:
     """Load the model, calibrate on WikiText-2 articles 0..N-1, write the plan; returns the exit code."""
     try:
@@ -91,7 +91,8 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
-    from .methods import CalibrationError, calibrate, wikitext2_split
+    from .calibrator import calibrate
+    from .data import wikitext2_split
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,8 +110,7 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     try:
         plan = calibrate(model, cal_text, args.method, args.sparsity, tokenizer,
                          token_budget=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                         error_budget=args.error_budget, progress=args.progress, seed=args.seed,
-                         source=split["source"], wina=args.wina)
+                         progress=args.progress, seed=args.seed, source=split["source"], **_options(args))
     except CalibrationError as e:
         print(f"actsparse calibrate: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ The error is ``mean over tokens of ||block(x) - dense block(x)|| / ||dense block
 few calibration sequences, with the dense model's block inputs (captured once). Relative per
 token, because the residual stream of an attention-sink token is 100x larger than the others'
 and an absolute error would optimise for that one token (TEAL scores only the last 25% of
-positions for a similar reason); on SmolLM2 at 50% this took the perplexity from 57.5 to 55.3. Thresholds for a sparsity
+positions for a similar reason). Thresholds for a sparsity
 come from the dense model's |x| histograms, as in TEAL. The path does not depend on the
 target, so it is run once up to the largest target and any target reads its point off it.
 
@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .histogram import Statistics, _no_cache
+from tqdm.auto import tqdm
+
+from ..plan import InputThresholds
+from .method import Made, Method, register_method
 from .sites import SiteRecord, block_module, blocks
+from .statistics import Statistics, no_cache
+from .teal import WINA_OPTION
 
 
 @dataclass
@@ -67,7 +72,7 @@ def _capture_block_inputs(model, names: list[str], batches: list[torch.Tensor]) 
     try:
         with torch.inference_mode():
             for ids in batches:
-                model(input_ids=ids.to(next(model.parameters()).device), **_no_cache(model))
+                model(input_ids=ids.to(next(model.parameters()).device), **no_cache(model))
     finally:
         for h in handles:
             h.remove()
@@ -99,8 +104,6 @@ def greedy_paths(model: torch.nn.Module, sites: list[SiteRecord], stats: Statist
     inputs = _capture_block_inputs(model, list(names.values()), batches)
     mods = dict(model.named_modules())
     paths: dict[int | None, GreedyPath] = {}
-    from tqdm.auto import tqdm
-
     for b in tqdm(list(by_block), desc="greedy allocation", disable=not progress, leave=False):
         members = by_block[b]
         path = GreedyPath(block=b, units=[s.module for s in members], groups=[s.group for s in members],
@@ -189,3 +192,46 @@ def _run_block(path: GreedyPath, block: torch.nn.Module, unit_mods: list[torch.n
     finally:
         for h in handles:
             h.remove()
+
+
+def greedy_for(cal, max_target: float, wina: bool = False) -> dict[int | None, GreedyPath]:
+    """The greedy paths of a Calibrator up to ``max_target`` (computed once, reused for lower targets)."""
+    hit = cal.cache.get(("greedy", wina))
+    if hit is None or hit[0] < max_target:
+        seqs = torch.cat(cal.batches)
+        length = min(seqs.shape[1], 256)
+        count = max(1, min(len(seqs), cal.greedy_tokens // length))
+        paths = greedy_paths(cal.model, cal.sites, cal.stats, [seqs[:count, :length]], max_target=max_target,
+                             step=cal.greedy_step, progress=cal.progress, wina=wina)
+        cal.cache[("greedy", wina)] = hit = (max_target, paths, (count, length))
+    return hit[1]
+
+
+def _block_sparsity(path: GreedyPath, target: float) -> float:
+    s = path.at(target)
+    return round(sum(a * p for a, p in zip(s, path.params)) / sum(path.params), 6)
+
+
+@register_method
+class TealGreedy(Method):
+    name = "teal-greedy"
+    needs = ("abs",)
+    options = WINA_OPTION
+    target_scope = "parameter-weighted sparsity of each block's masked linears"
+
+    def needs_with(self, options):
+        return ("wina",) if options.get("wina") else self.needs
+
+    def make(self, cal, sparsity: float, wina: bool = False, **_) -> Made:
+        paths = greedy_for(cal, max(sparsity, 1e-9), wina=wina)
+        count, length = cal.cache[("greedy", wina)][2]
+        thresholds, measured = {}, {}
+        for path in paths.values():
+            for unit, group, s in zip(path.units, path.groups, path.at(sparsity)):
+                hist = cal.stats.wina[unit] if wina else cal.stats.abs[group]
+                thresholds[unit] = hist.quantile(s) if s > 0 else 0.0
+                measured[unit] = hist.cdf(thresholds[unit])
+        info = {"greedy": {"step": cal.greedy_step, "sequences": count, "seq_len": length,
+                           "evaluations": sum(p.evaluations for p in paths.values()),
+                           "block_sparsity": {str(b): _block_sparsity(p, sparsity) for b, p in paths.items()}}}
+        return Made([InputThresholds(thresholds, "wina" if wina else "abs")], measured, sparsity, info)

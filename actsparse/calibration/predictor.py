@@ -35,11 +35,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.predicted_ops import select as select_mask
-from ..kernels.reference import activation
-from ..plan import SELECTIONS, SparsityPlan, fingerprint
-from .cats import mlp_downs
-from .sites import SiteRecord, masked_sites, trace_sites
+from tqdm.auto import tqdm
+
+from ..ops.reference import activation
+from ..ops.reference import select as select_mask
+from ..plan import SELECTIONS, Predictors, SparsityPlan, fingerprint
+from .data import token_batches
+from .method import CalibrationError, Method, check_sparsity, register_method
+from .sites import SiteRecord, masked_sites, mlp_downs, overall_sparsity, trace_sites
 
 LABELS = ("topk", "cats")
 
@@ -85,8 +88,6 @@ def gated_mlps(sites: list[SiteRecord]) -> list[SiteRecord]:
 def collect_mlp_inputs(model: torch.nn.Module, mlps: list[SiteRecord], batches: Sequence[torch.Tensor],
                        progress: bool = True) -> dict[str, torch.Tensor]:
     """Each gated MLP's input over the batches, ``{down module: [tokens, d]}`` in fp32 on the CPU."""
-    from tqdm.auto import tqdm
-
     mods = dict(model.named_modules())
     store: dict[str, list[torch.Tensor]] = {s.module: [] for s in mlps}
     handles = []
@@ -231,8 +232,6 @@ class PredictorTrainer:
     def __init__(self, model: torch.nn.Module, tokens_or_texts, tokenizer=None, *,
                  config: PredictorConfig | None = None, token_budget: int = 32768, batch_size: int = 4,
                  seq_len: int = 512, progress: bool = True, source: str | None = None) -> None:
-        from .methods import token_batches
-
         self.model, self.cfg, self.progress = model, config or PredictorConfig(), progress
         batches, self.data_info = token_batches(tokens_or_texts, tokenizer, token_budget=token_budget,
                                                 batch_size=batch_size, seq_len=seq_len, seed=self.cfg.seed)
@@ -260,8 +259,6 @@ class PredictorTrainer:
 
     def fit(self, label_sparsity: float) -> dict[str, Fitted]:
         """Predictors trained on labels at ``label_sparsity`` (cached)."""
-        from tqdm.auto import tqdm
-
         key = round(float(label_sparsity), 6)
         if key not in self._fitted:
             t0 = time.perf_counter()
@@ -277,10 +274,8 @@ class PredictorTrainer:
 
     def plan(self, sparsity: float, label_sparsity: float | None = None) -> SparsityPlan:
         """A predictor plan at ``sparsity`` (fraction of MLP neurons skipped: gate, up, down)."""
-        from .methods import _check_sparsity, overall_sparsity
-
-        sparsity = _check_sparsity(sparsity)
-        label_s = sparsity if label_sparsity is None else _check_sparsity(label_sparsity, "label_sparsity")
+        sparsity = check_sparsity(sparsity)
+        label_s = sparsity if label_sparsity is None else check_sparsity(label_sparsity, "label_sparsity")
         cfg = self.cfg
         fitted = self.fit(label_s)
         preds: dict[str, dict[str, Any]] = {}
@@ -307,7 +302,7 @@ class PredictorTrainer:
             tensors.update({f"{s.module}.w1": f.w1, f"{s.module}.w2": f.w2, f"{s.module}.b2": f.b2})
             for mod in (s.gate, s.up, s.module):
                 measured[mod] = round(m["sparsity"], 6)
-        plan = SparsityPlan(method="predictor", target=sparsity, predictors=preds, predictor_tensors=tensors)
+        plan = SparsityPlan(method="predictor", target=sparsity, rules=[Predictors(preds, tensors)])
         plan.model = self.fingerprint
         plan.roles = {s.module: s.role for s in masked_sites(self.sites)}
         plan.measured = measured
@@ -346,6 +341,28 @@ def train_predictor_plan(model: torch.nn.Module, tokens_or_texts, sparsity: floa
     trainer = PredictorTrainer(model, tokens_or_texts, tokenizer, config=cfg, token_budget=token_budget,
                                seq_len=seq_len, progress=progress, source=source)
     return trainer.plan(sparsity, label_sparsity)
+
+
+@register_method
+class PredictorMethod(Method):
+    """Learned predictors: trained on their own pass over the calibration data, not on histograms."""
+
+    name = "predictor"
+    options = {"rank": "predictor rank: an integer, or a fraction of the MLP input width",
+               "label": f"the rule the predictors learn: one of {', '.join(LABELS)}",
+               "selection": f"how neurons are kept: one of {', '.join(SELECTIONS)}",
+               "epochs": "training epochs", "label_sparsity": "train on labels at this sparsity"}
+    target_scope = "MLP neurons (gate/up rows and down columns)"
+    from_statistics = False
+
+    def calibrate(self, model, tokens_or_texts, sparsity, tokenizer=None, *, calibrator_args, options):
+        args = {k: calibrator_args[k] for k in ("seq_len", "seed", "progress", "source") if k in calibrator_args}
+        args["token_budget"] = calibrator_args.get("token_budget", 32768)
+        return train_predictor_plan(model, tokens_or_texts, sparsity, tokenizer, **args, **options)
+
+    def make(self, cal, sparsity, **options):
+        raise CalibrationError("method 'predictor' trains on its own pass over the data: use "
+                               "actsparse.calibrate(model, data, method='predictor', ...)")
 
 
 __all__ = ["LABELS", "Fitted", "PredictorConfig", "PredictorError", "PredictorTrainer", "collect_mlp_inputs",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..passes.sites import discover_sites
+from ..passes.find_sites import discover_sites
 from ..plan import linear_weights
 
 MASKED_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
@@ -109,6 +109,23 @@ def trace_sites(model: torch.nn.Module, example_len: int = 8) -> list[SiteRecord
 
 def masked_sites(sites: list[SiteRecord]) -> list[SiteRecord]:
     return [s for s in sites if s.masked]
+
+
+def mlp_downs(sites: list[SiteRecord]) -> list[SiteRecord]:
+    return [s for s in sites if s.role == "mlp_down"]
+
+
+def skipped_modules(site: SiteRecord) -> list[str]:
+    """The linears an activation mask on this MLP skips work in: up and down, or fc2 alone."""
+    return [site.up, site.module] if site.up is not None else [site.module]
+
+
+def overall_sparsity(sites: list[SiteRecord], measured: dict[str, float]) -> float:
+    """Parameter-weighted sparsity over every maskable decoder linear (unmasked count as 0),
+    comparable across methods (the LM head excluded)."""
+    ms = masked_sites(sites)
+    total = sum(s.params for s in ms)
+    return sum(measured.get(s.module, 0.0) * s.params for s in ms) / total if total else 0.0
 
 
 def groups(sites: list[SiteRecord]) -> dict[str, list[SiteRecord]]:

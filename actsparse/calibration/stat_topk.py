@@ -1,15 +1,16 @@
 """Statistical top-k: no calibration, a per-token cutoff ``multiplier * mean|x|``.
 
-The plan is ``SparsityPlan.statistical`` (see ``StatTopK`` for the assumed shapes); calibration
-data only measures the sparsity it really gives, which departs from the target where site
-inputs do not have the assumed shape.
+The rule is ``plan.StatTopK`` (see it for the assumed shapes); calibration data only measures
+the sparsity it really gives, which departs from the target where site inputs do not have the
+assumed shape.
 """
 
 from __future__ import annotations
 
 from ..plan import StatTopK
-from .histogram import Statistics
+from .method import Made, Method, register_method
 from .sites import SiteRecord, groups
+from .statistics import Statistics
 
 
 def stat_topk_measured(sites: list[SiteRecord], stats: Statistics, rule: StatTopK) -> dict[str, float]:
@@ -22,3 +23,14 @@ def stat_topk_measured(sites: list[SiteRecord], stats: Statistics, rule: StatTop
             if s.role in rule.roles:
                 measured[s.module] = frac
     return measured
+
+
+@register_method
+class StatTopKMethod(Method):
+    name = "stat-topk"
+    needs = ("rel",)
+    target_scope = "every masked linear input"
+
+    def make(self, cal, sparsity: float, **_) -> Made:
+        rule = StatTopK(sparsity)
+        return Made([rule], stat_topk_measured(cal.sites, cal.stats, rule), sparsity)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..passes.pipeline import run_passes
 from ..plan import SparsityPlan
 from .layout import is_input_major, to_input_major
@@ -47,8 +48,7 @@ class SparseBackend:
         self.graphs += 1
         if opts.plan_was_default and not self._announced:
             self._announced = True
-            warnings.warn(f"actsparse: no plan given; using statistical top-k at sparsity "
-                          f"{opts.plan.stat_topk.sparsity:g} on every site", stacklevel=2)
+            warnings.warn(opts.default_note, stacklevel=2)
         result = run_passes(gm, opts.plan)
         self.sites.extend(result.sites)
         self.masked_sites += result.stats.masked_sites
@@ -63,7 +63,8 @@ class SparseBackend:
             self._report_missing()
         if opts.debug:
             print(f"actsparse: graph {self.graphs}\n{result.table}")
-        _reserve_kernel_buffers(gm)
+        for node in gm.graph.nodes:  # kernel workspaces, sized before CUDA graphs warm up in a pool
+            ops.reserve(node)
         if opts.compiler == "eager":
             compiled = gm.forward
         else:
@@ -72,7 +73,10 @@ class SparseBackend:
                     if isinstance(example_inputs[i], torch.nn.Parameter)
                     and not is_input_major(example_inputs[i])]
         if opts.relayout == "lazy" and relayout:
-            return _relayout_after_first_call(compiled, relayout)
+            compiled = _relayout_after_first_call(compiled, relayout)
+        if result.constants.keys:
+            compiled = _holding(compiled)
+            result.constants.bind(compiled)  # the constants live as long as this compiled graph
         return compiled
 
     def _report_unresolved(self, result) -> None:
@@ -98,35 +102,12 @@ class SparseBackend:
         self._last_missing = missing
 
 
-def _reserve_kernel_buffers(gm: torch.fx.GraphModule) -> None:
-    """Size the Triton kernels' cached workspaces now, before CUDA graphs warm up in a pool."""
-    def value(n):
-        if n.op == "call_method" and n.target == "t":  # Conv1D weight, transposed view
-            v = value(n.args[0])
-            return None if v is None else v.t()
-        return n.meta.get("example_value", n.meta.get("val"))
+def _holding(compiled: Callable) -> Callable:
+    """A callable of our own around ``compiled``, to tie the graph's constants to its lifetime."""
+    def run(*args):
+        return compiled(*args)
 
-    sizes = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is torch.ops.actsparse.sparse_linear.default:
-            ws = [value(w) for w in node.args[1]]
-        elif node.target is torch.ops.actsparse.gated_mlp.default:
-            ws = [value(node.args[3])]
-        else:
-            continue
-        if ws and all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in ws):
-            sizes.append((ws[0].device, ws[0].shape[1], [w.shape[0] for w in ws]))
-    if not sizes:
-        return
-    from ..kernels.triton import is_available
-    if not is_available():
-        return
-    from ..kernels.triton.sparse_gemv import reserve_buffers
-
-    for device, k, ns in sizes:
-        reserve_buffers(device, k, ns)
+    return run
 
 
 def _relayout_after_first_call(compiled: Callable, params: list[torch.nn.Parameter]) -> Callable:

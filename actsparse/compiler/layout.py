@@ -27,17 +27,6 @@ def to_input_major(param: torch.Tensor) -> bool:
     return True
 
 
-def input_major_modules(model: torch.nn.Module, plan: SparsityPlan) -> list[str]:
-    """Names of the nn.Linear modules whose weights a plan reads input-sparse."""
-    names = set(plan.thresholds) | set(plan.activation_thresholds) | set(getattr(plan, "predictors", {}) or {})
-    if plan.stat_topk is not None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names |= {n for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and m is not head}
-    mods = dict(model.named_modules())
-    return sorted(n for n in names if isinstance(mods.get(n), torch.nn.Linear))
-
-
 def prepare(model: torch.nn.Module, plan: SparsityPlan) -> int:
     """Store the weights that ``plan`` masks input-major, before ``torch.compile``.
 
@@ -46,4 +35,4 @@ def prepare(model: torch.nn.Module, plan: SparsityPlan) -> int:
     """
     plan.validate(model)
     mods = dict(model.named_modules())
-    return sum(to_input_major(mods[n].weight) for n in input_major_modules(model, plan))
+    return sum(to_input_major(mods[n].weight) for n in plan.input_major_modules(model))

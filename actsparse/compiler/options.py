@@ -10,6 +10,11 @@ from typing import Any
 from ..plan import SparsityPlan
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+#: The sparsity of the calibration-free default (``backend="sparse"`` with no plan): statistical
+#: top-k on every linear input, conservative enough to keep perplexity within a few percent on
+#: the offline models (README, "Accuracy").
+DEFAULT_SPARSITY = 0.25
 RELAYOUTS = ("lazy", "off")
 COMPILERS = ("inductor", "eager")
 
@@ -41,6 +46,14 @@ class BackendOptions:
     compiler: str = "inductor"
     plan_was_default: bool = False
 
+    @property
+    def default_note(self) -> str:
+        """The one warning a compilation without a plan gives."""
+        st = self.plan.stat_topk
+        return (f"actsparse: no plan given; using calibration-free statistical top-k at sparsity "
+                f"{st.sparsity:g} on every linear input (options={{'sparsity': s}} sets it; "
+                "actsparse.calibrate makes a plan that keeps more accuracy at higher sparsity)")
+
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BackendOptions:
         options = dict(options or {})
@@ -70,12 +83,10 @@ class BackendOptions:
         default = False
         if plan is None:
             if sparsity is None:
-                raise OptionsError("the sparse backend needs options={'plan': SparsityPlan | path} "
-                                   "or options={'sparsity': s} (statistical top-k, 0 <= s < 1)")
+                sparsity, default = DEFAULT_SPARSITY, True
             if not 0.0 <= float(sparsity) < 1.0:
                 raise OptionsError(f"option 'sparsity' must be in [0, 1), got {sparsity}")
             plan = SparsityPlan.statistical(float(sparsity))
-            default = True
         elif not isinstance(plan, SparsityPlan):
             plan = SparsityPlan.load(plan)
         cudagraphs = bool(options.get("cudagraphs", False)) or mode == "reduce-overhead"

@@ -1,3 +1,5 @@
-"""Op definitions (torch.library), their pure-torch references, Triton kernels, weight cache."""
+"""Kernel implementations only: Triton (``triton/``), native CPU (``cpu/``), the weight-row cache.
 
-from . import ops, reference  # noqa: F401  (importing ops registers actsparse::*)
+Which implementation runs is decided by the ops (``actsparse.ops``); the kernels declare what
+they can take (``limits``, ``triton.runs_on``).
+"""

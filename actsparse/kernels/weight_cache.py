@@ -95,7 +95,7 @@ class WeightRowCache:
 
         ``input_major=True`` keeps one contiguous ``weight.t()`` copy (R*C*itemsize more memory)
         so each row copy is contiguous; gathering from the strided ``weight.t()`` view is
-        correct but an order of magnitude slower on CPU (see bench/index_step.py).
+        correct but an order of magnitude slower on CPU (see benchmarks/index_step.py).
         """
         if input_major:
             return cls(weight.detach().t().contiguous(), capacity, owns_rows=True)

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import zlib
 
 import torch
 
 import triton
 
-#: Batch buckets: M rows are rounded up to one of these for specialisation and tuning.
-BATCH_BUCKETS = (1, 2, 4, 8, 16)
-MAX_ROWS = BATCH_BUCKETS[-1]
+from ..limits import BATCH_BUCKETS, TRITON_MAX_ROWS as MAX_ROWS
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (tests, no GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import interpreting  # noqa: E402  (re-exported for the kernel modules)
 
 
 def batch_bucket(m: int) -> int:
@@ -59,11 +54,10 @@ def device_key(device: torch.device) -> int:
 def autotune_bench(fn, quantiles=None):
     """Benchmark for autotuning: the kernel as the decode step runs it, inside a CUDA graph.
 
-    `do_bench` times single launches, and for kernels of 5-30 us the host's launch overhead
-    (about 9 us) is part of every candidate's time: configurations 1 us apart were ranked by
-    noise (scripts/gpu_kernel_variants.py: the pick was up to 1.1 us slower than the best on
-    4096x4096). `graph_bench` replays the kernel from a CUDA graph with L2 flushed before each
-    call; it falls back to `do_bench` where a graph cannot be captured.
+    `do_bench` times single launches, and for kernels of a few microseconds the host's launch
+    overhead is part of every candidate's time, so configurations a microsecond apart would be
+    ranked by noise. `graph_bench` replays the kernel from a CUDA graph with L2 flushed before
+    each call; it falls back to `do_bench` where a graph cannot be captured.
     """
     if torch.cuda.is_available() and not interpreting() and not torch.cuda.is_current_stream_capturing():
         try:

@@ -1,32 +1,38 @@
-"""CATS gated MLP in Triton: out = (mask * act(x Wg^T) * (x Wu^T)) Wd^T, mask = |act(x Wg^T)| > t.
+"""Gated MLP with a neuron mask in Triton: out = (mask * act(x Wg^T) * (x Wu^T)) Wd^T.
 
 Why it is fast
 --------------
-The gate is computed densely, but it decides which of the F neurons matter: where
-|act(gate)| <= t the neuron's up_proj row and down_proj column are never read.
+Where no token of the batch needs neuron f, its rows of up_proj (and of gate_proj, when the
+mask does not come from the gate) and its column of down_proj are never read. The mask comes
+from one of two places, a compile-time choice (MASK_FROM_GATE):
+
+* CATS (True): the gate is computed densely and decides, ``mask = |act(x Wg^T)| > t``;
+* a learned predictor (False): the mask is given before the MLP runs, so the gate rows of
+  masked-off neurons are skipped too.
 
 Two launches:
 
-1. `_gate_up_kernel`, one program per block of BLOCK_F neurons: the dense gate GEMV over the
-   whole of K (w_gate rows, row-major), the activation and the threshold in fp32, then the
-   up GEMV over the same K with each w_up row's loads predicated on "some batch row needs this
-   neuron". Row-major w_up keeps a neuron's K weights contiguous, so a skipped neuron skips one
-   contiguous row. It writes h = mask * g * u in fp32 (no rounding before down).
-2. down_proj is an input-sparse linear on h with threshold 0 (exactly the zeros of h), so it
-   reuses `sparse_gemv`'s compacting split-K kernel over input-major w_down: a skipped neuron
-   skips one contiguous row of w_down^T.
+1. `_gate_up_kernel`, one program per block of BLOCK_F neurons: the gate GEMV (all rows, or
+   only the masked-in ones), the activation and the mask in fp32, then the up GEMV over the
+   same K with each w_up row's loads predicated on "some batch row needs this neuron".
+   Row-major w_gate / w_up keep a neuron's K weights contiguous, so a skipped neuron skips a
+   contiguous row; a block with no active neuron skips its loops. It writes h = mask * g * u
+   in fp32 (no rounding before down).
+2. down_proj is an input-sparse linear on h with threshold 0 (exactly the zeros of h): the
+   compacting split-K kernel of `sparse_gemv` over input-major w_down.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
 import triton
 import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
-from actsparse.kernels.triton.sparse_gemv import launch_sparse_linear
+from actsparse.kernels.triton.sparse_gemv import batch_path_enabled, launch_sparse_linear, rows_pad
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -76,11 +82,11 @@ def _rows_matmul(X, stride_xm, stride_xk, W, swf, swk, offs_f, rows_on, offs_m, 
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, H,
-    stride_xm, stride_xk, s_gf, s_gk, s_uf, s_uk,
+    X, MASK, WG, WU, H,
+    stride_xm, stride_xk, stride_mm, s_gf, s_gk, s_uf, s_uk,
     M, K, F, thr,
     M_BUCKET, SPARSITY_KEY, DEVICE_KEY,  # only for the autotune key
-    ACT: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_FROM_GATE: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -88,31 +94,38 @@ def _gate_up_kernel(
     f_ok = offs_f < F
     offs_m = tl.arange(0, M_PAD)
     m_ok = offs_m < M
-    # 1. dense gate, activation and threshold, all in fp32
-    g = _rows_matmul(X, stride_xm, stride_xk, WG, s_gf, s_gk, offs_f, f_ok, offs_m, m_ok, K,
-                     M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION)
-    g = _activation(g, ACT)
-    on = (tl.abs(g) > thr) & m_ok[:, None] & f_ok[None, :]  # [M_PAD, BLOCK_F]
-    row_on = tl.max(on.to(tl.int32), axis=0) > 0  # neurons some batch row needs
-    # 2. up_proj only for those neurons; a block with none skips the loop entirely
-    u = tl.zeros([M_PAD, BLOCK_F], dtype=tl.float32)
-    if tl.max(row_on.to(tl.int32), axis=0) > 0:
+    tile_ok = m_ok[:, None] & f_ok[None, :]
+    if MASK_FROM_GATE:  # CATS: the dense gate decides
+        g = _activation(_rows_matmul(X, stride_xm, stride_xk, WG, s_gf, s_gk, offs_f, f_ok, offs_m, m_ok, K,
+                                     M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION), ACT)
+        on = (tl.abs(g) > thr) & tile_ok
+        row_on = tl.max(on.to(tl.int32), axis=0) > 0  # neurons some batch row needs
+    else:  # the mask is given: gate rows of masked-off neurons are skipped too
+        on = (tl.load(MASK + offs_m[:, None] * stride_mm + offs_f[None, :], mask=tile_ok, other=0) != 0) & tile_ok
+        row_on = tl.max(on.to(tl.int32), axis=0) > 0
+        g = tl.zeros([M_PAD, BLOCK_F], dtype=tl.float32)
+    h = tl.zeros([M_PAD, BLOCK_F], dtype=tl.float32)
+    if tl.max(row_on.to(tl.int32), axis=0) > 0:  # a block with no active neuron reads nothing more
+        if not MASK_FROM_GATE:
+            g = _activation(_rows_matmul(X, stride_xm, stride_xk, WG, s_gf, s_gk, offs_f, row_on, offs_m, m_ok,
+                                         K, M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION), ACT)
         u = _rows_matmul(X, stride_xm, stride_xk, WU, s_uf, s_uk, offs_f, row_on, offs_m, m_ok, K,
                          M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION)
-    h = tl.where(on, g * u, 0.0)
-    tl.store(H + offs_m[:, None] * F + offs_f[None, :], h, mask=m_ok[:, None] & f_ok[None, :])
+        h = tl.where(on, g * u, 0.0)
+    tl.store(H + offs_m[:, None] * F + offs_f[None, :], h, mask=tile_ok)
 
 
 def _cfg(block_f, block_k, warps, stages=1):
     return triton.Config(dict(BLOCK_F=block_f, BLOCK_K=block_k), num_warps=warps, num_stages=stages)
 
 
-CONFIGS_M1 = [_cfg(16, 256, 4), _cfg(32, 128, 4), _cfg(32, 256, 4), _cfg(64, 128, 8), _cfg(8, 512, 4)]
+# One row: the CATS configs and those the predicted-mask kernel was tuned with (smaller BLOCK_F,
+# longer BLOCK_K: the gate is sparse there too, so fewer rows per program pay).
+CONFIGS_M1 = [_cfg(16, 256, 4), _cfg(32, 128, 4), _cfg(32, 256, 4), _cfg(64, 128, 8), _cfg(8, 512, 4),
+              _cfg(8, 256, 4), _cfg(16, 512, 8), _cfg(4, 1024, 4)]
 CONFIGS_DOT = [_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3)]
 INTERPRET_CONFIG = dict(BLOCK_F=32, BLOCK_K=32, num_warps=4)
-#: False sends batches of 2..16 rows to the dense fallback. The fused gate/up kernel was exact
-#: on an H100 at every batch; the down projection goes through `sparse_gemv`'s batch paths,
-#: which are switched off there (see `sparse_gemv.DOT_PATH_ENABLED`).
+#: False declares the 2..16-row path unavailable (the caller then runs the masked dense form).
 DOT_PATH_ENABLED = True
 
 _TUNERS: dict[int, object] = {}
@@ -121,24 +134,44 @@ _TUNERS: dict[int, object] = {}
 def _tuned_kernel(m_pad: int):
     if m_pad not in _TUNERS:
         configs = CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT
-        key = ["K", "F", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY", "ACT"]
+        key = ["K", "F", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY", "ACT", "MASK_FROM_GATE"]
         _TUNERS[m_pad] = rt.autotune(configs, key)(_gate_up_kernel)
     return _TUNERS[m_pad]
 
 
-def launch_gate_up(x, w_gate, w_up, act, act_threshold, sparsity_hint=None, config=None) -> torch.Tensor:
-    """h = mask * act(x Wg^T) * (x Wu^T) in fp32, [M, F]."""
+def supports(m: int) -> bool:
+    """Whether the kernels take ``m`` token rows."""
+    return batch_path_enabled(m) and (rows_pad(m) == 1 or DOT_PATH_ENABLED)
+
+
+def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str,
+                   threshold: Optional[float] = None, mask: Optional[torch.Tensor] = None,
+                   sparsity_hint: Optional[float] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """h = mask * act(x Wg^T) * (x Wu^T) in fp32, [M, F].
+
+    Exactly one of ``threshold`` (CATS: mask = |act(gate)| > threshold) and ``mask`` ([M, F]
+    bool, from a predictor) is given.
+    """
     assert act in ACTIVATIONS, f"act must be one of {ACTIVATIONS}, got {act!r}"
+    assert (threshold is None) != (mask is None), "give either threshold or mask"
     M, K = x.shape
     Fn = w_gate.shape[0]
     assert w_gate.shape == (Fn, K) and w_up.shape == (Fn, K) and w_up.dtype == w_gate.dtype
     assert 1 <= M <= rt.MAX_ROWS
     h = torch.empty((M, Fn), dtype=torch.float32, device=x.device)
-    m_pad = 1 if M == 1 else 16
-    args = [x, w_gate, w_up, h, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-            w_up.stride(0), w_up.stride(1), M, K, Fn, float(act_threshold),
+    from_gate = mask is None
+    if from_gate:
+        mask_arg, stride_mm = h, 0  # an unread placeholder
+    else:
+        assert mask.shape == (M, Fn) and mask.stride(1) == 1
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # same bytes
+        stride_mm = mask_arg.stride(0)
+    m_pad = rows_pad(M)
+    args = [x, mask_arg, w_gate, w_up, h, x.stride(0), x.stride(1), stride_mm,
+            w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1), M, K, Fn,
+            float(threshold) if from_gate else 0.0,
             rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
-    meta = dict(ACT=act, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_gate.dtype))
+    meta = dict(ACT=act, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_gate.dtype), MASK_FROM_GATE=from_gate)
     grid = lambda meta_: (triton.cdiv(Fn, meta_["BLOCK_F"]),)  # noqa: E731
     if config is None and rt.interpreting():
         config = INTERPRET_CONFIG
@@ -149,38 +182,16 @@ def launch_gate_up(x, w_gate, w_up, act, act_threshold, sparsity_hint=None, conf
     return h
 
 
-def launch_gated_mlp_cats(x, w_gate, w_up, w_down, act, act_threshold, sparsity_hint=None,
-                          gate_config=None, down_config=None) -> torch.Tensor:
-    """Always the Triton kernels: fused gate/up, then the sparse down projection on h."""
+def launch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, act: str,
+                     threshold: Optional[float] = None, mask: Optional[torch.Tensor] = None,
+                     sparsity_hint: Optional[float] = None, gate_config: Optional[dict] = None,
+                     down_config: Optional[dict] = None) -> torch.Tensor:
+    """The two launches: masked gate/up, then the input-sparse down projection on h."""
     assert w_down.shape[1] == w_gate.shape[0]
-    h = launch_gate_up(x, w_gate, w_up, act, act_threshold, sparsity_hint, gate_config)
+    h = launch_gate_up(x, w_gate, w_up, act, threshold, mask, sparsity_hint, gate_config)
     (out,) = launch_sparse_linear(h, [w_down], [None], [0.0], None, sparsity_hint,
                                   out_dtype=x.dtype, config=down_config)
     return out
 
 
-def _act_torch(g: torch.Tensor, act: str) -> torch.Tensor:
-    from actsparse.kernels.reference import activation
-
-    return activation(act, g)
-
-
-def gated_mlp_cats_reference(x, w_gate, w_up, w_down, act, act_threshold, sparsity_hint=None) -> torch.Tensor:
-    """Pure-torch reference: everything in fp32, cast to x's dtype at the end."""
-    xf = x.to(torch.float32)
-    g = _act_torch(xf @ w_gate.to(torch.float32).t(), act)
-    mask = g.abs() > float(act_threshold)  # fp32 compare, no host-to-device copy
-    h = torch.where(mask, g * (xf @ w_up.to(torch.float32).t()), torch.zeros((), device=x.device))
-    return (h @ w_down.to(torch.float32).t()).to(x.dtype)
-
-
-def dense_gated_mlp_cats(x, w_gate, w_up, w_down, act, act_threshold) -> torch.Tensor:
-    """Dense fallback (prefill, or batches whose union is dense): cuBLAS on the same storage."""
-    g = _act_torch(F.linear(x, w_gate).to(torch.float32), act)
-    mask = g.abs() > float(act_threshold)  # fp32 compare, no host-to-device copy
-    h = torch.where(mask, g * F.linear(x, w_up).to(torch.float32), torch.zeros((), device=x.device))
-    return F.linear(h.to(x.dtype), w_down)
-
-
-__all__ = ["launch_gated_mlp_cats", "launch_gate_up", "gated_mlp_cats_reference", "dense_gated_mlp_cats",
-           "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "DOT_PATH_ENABLED", "launch_gate_up", "launch_gated_mlp", "supports"]

@@ -29,14 +29,11 @@ step are requested before the FMAs of this one. Up to three outputs (q/k/v, gate
 and one launch; each has its own threshold, weights, strides and bias, and its own blocks in
 grid axis 0.
 
-Status (H100, Triton 3.6, benchmarks/kernels_h100.md, per call inside a graph of back-to-back
-calls): exact against the fp32 reference at every batch (GPU self-check 57/57), 1.59-1.69x over
-cuBLAS at 50% sparsity and 4.2-4.4x at 90% on the large Llama-3-8B layers at batch 1. The
-weight rows stream at about the copy rate; what keeps 50% under the ideal 2x is a fixed cost
-of about 4.5 us per call over an empty kernel (x load and compaction before the first weight
-load, the counter round trip and the last program's read after the last one). The batch
-kernels are correct but stream weights less efficiently than cuBLAS, so the cost model sends
-dense-union batches to the dense fallback.
+What keeps a call under the ideal 1/(1-s) is a fixed cost per call (x load and compaction
+before the first weight load, the counter round trip and the last program's read after the
+last one); the benchmarks measure it. The batch kernels stream weights less efficiently than
+cuBLAS, so the cost model in ``actsparse.ops`` sends dense-union batches to the masked dense
+matmul instead.
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import triton
 import triton.language as tl
@@ -271,7 +267,7 @@ def _sparse_linear_kernel(
     PROBE (timing only, wrong results; never set by the launcher): 1 skips the split-K fix-up,
     2 skips the weight loop, 3 skips the loop and the reduction, 4 returns at once. The
     differences between them say where the fixed cost of a call goes
-    (scripts/gpu_kernel_variants.py --parts probe).
+    (benchmarks/studies/gpu_kernel_variants.py --parts probe).
     """
     if PDL > 0:
         _gdc_wait()
@@ -378,7 +374,7 @@ def _tuned_kernel(m_pad: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher, reference, dense fallback
+# Launcher
 # ----------------------------------------------------------------------------------------------
 
 
@@ -477,49 +473,7 @@ def launch_sparse_linear(
     return outs
 
 
-def masked_input(x: torch.Tensor, threshold, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x where |x| > threshold * row_scale[m] (compared in fp32), else 0; in x's dtype.
-
-    `threshold` is a float, or a 1-D tensor of K per-channel thresholds."""
-    # fp32 tensor vs Python float compares in fp32, like the kernel; no host-to-device copy, so
-    # this is safe inside CUDA graph capture
-    if isinstance(threshold, torch.Tensor):
-        cutoff = threshold.reshape(1, -1).to(device=x.device, dtype=torch.float32)
-        if row_scale is not None:
-            cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
-    else:
-        cutoff = float(threshold)
-        if row_scale is not None:
-            cutoff = row_scale.reshape(-1, 1).to(torch.float32) * cutoff
-    return torch.where(x.abs().to(torch.float32) > cutoff, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _cutoffs(thresholds, channel_thresholds):
-    if channel_thresholds is None:
-        return list(thresholds)
-    return [t if ct is None else ct for t, ct in zip(thresholds, channel_thresholds)]
-
-
-def dense_sparse_linear(x, weights, biases, thresholds, row_scale=None, channel_thresholds=None) -> list[torch.Tensor]:
-    """The dense fallback: `F.linear` on the masked input, same weight storage (any layout)."""
-    return [F.linear(masked_input(x, t, row_scale), w, b)
-            for w, b, t in zip(weights, biases, _cutoffs(thresholds, channel_thresholds))]
-
-
-def sparse_linear_reference(x, weights, biases, thresholds, row_scale=None, sparsity_hint=None,
-                            channel_thresholds=None) -> list[torch.Tensor]:
-    """Pure-torch reference: mask and multiply in fp32, cast to x's dtype at the end."""
-    xf = x.to(torch.float32)
-    outs = []
-    for w, b, t in zip(weights, biases, _cutoffs(thresholds, channel_thresholds)):
-        y = masked_input(xf, t, row_scale) @ w.to(torch.float32).t()
-        if b is not None:
-            y = y + b.to(torch.float32)
-        outs.append(y.to(x.dtype))
-    return outs
-
-
-def reserve_buffers(device: torch.device, k: int, ns: Sequence[int], max_rows: int = 16) -> None:
+def reserve_buffers(device: torch.device, k: int, ns: Sequence[int], max_rows: int = rt.MAX_ROWS) -> None:
     """Allocate the cached workspace a site needs, ahead of time and outside any graph pool.
 
     CUDA-graph trees run their warm-up inside a private memory pool; a cached buffer first

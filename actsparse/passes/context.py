@@ -1,0 +1,40 @@
+"""What the passes of one graph share: the plan, the sites found, counters, constants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ops.constants import ConstantScope
+from ..plan import SparsityPlan
+from .find_sites import Site
+
+
+@dataclass
+class RewriteStats:
+    """What the rewrites did: counts for tests, names for the unfound-rule report."""
+
+    sparse_linear_calls: int = 0
+    gated_mlp_calls: int = 0
+    predicted_mlp_calls: int = 0
+    masked_sites: int = 0
+    found_rules: set[str] = field(default_factory=set)
+    unresolved: list[str] = field(default_factory=list)  # site names no plan name fits
+
+
+@dataclass
+class PassContext:
+    plan: SparsityPlan
+    sites: list[Site] = field(default_factory=list)
+    #: graph module name -> plan module name (see resolve_names)
+    names: dict[str, str] = field(default_factory=dict)
+    stats: RewriteStats = field(default_factory=RewriteStats)
+    #: placeholder positions of weights the inserted ops read input-sparse
+    input_major_inputs: list[int] = field(default_factory=list)
+    #: tensors the inserted ops read (WINA cutoffs, predictor weights), released with the graph
+    constants: ConstantScope = field(default_factory=ConstantScope)
+    table: str = ""
+
+    def hint(self, plan_name: str | None) -> float:
+        """The calibrated sparsity of a site (measured, else the plan's target, else 0)."""
+        v = self.plan.measured.get(plan_name or "", self.plan.target or 0.0)
+        return float(v or 0.0)

@@ -1,0 +1,97 @@
+"""Plan files: JSON for the rules, a safetensors sidecar for their tensors; never pickle.
+
+``plan.json`` names its sidecar (``plan.json.safetensors``) and lists each tensor's shape, so a
+sidecar from another plan, a missing tensor or a truncated file fails with a PlanError, not
+with a wrong result. Writes are atomic: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import PlanError, expect_int, expect_list, expect_mapping, expect_str
+
+FORMAT = "actsparse-plan"
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where a plan file's tensors live: ``plan.json`` -> ``plan.json.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.name + ".safetensors")
+
+
+def write_plan(path: str | os.PathLike, data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``data`` as JSON at ``path`` and ``tensors`` (if any) to its sidecar."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(data)
+    if tensors:
+        from safetensors.torch import save_file
+
+        side = sidecar_path(path)
+        tmp_side = side.with_name(side.name + ".tmp")
+        cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
+        save_file(cpu, str(tmp_side), metadata={"format": FORMAT + "-tensors"})
+        os.replace(tmp_side, side)
+        data["tensor_file"] = side.name
+        data["tensors"] = {k: list(v.shape) for k, v in cpu.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_plan(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON of a plan file and its sidecar's tensors (keys as the plan lists them)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"plan file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path} is not a text file") from None
+    data = dict(expect_mapping(data, "the plan file"))
+    if data.get("version") == 1 and "predictor_file" in data:  # version 1: predictor weights only
+        data["tensor_file"] = data.pop("predictor_file")
+        data["tensors"] = {f"predictors/{k}": v for k, v in (data.pop("predictor_tensors", None) or {}).items()}
+        data["_v1_prefix"] = "predictors/"
+    name = data.pop("tensor_file", None)
+    listed = data.pop("tensors", None)
+    prefix = data.pop("_v1_prefix", "")
+    if name is None:
+        return data, {}
+    return data, _read_sidecar(path, name, listed, prefix)
+
+
+def _read_sidecar(path: Path, name: Any, listed: Any, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = expect_str(name, "tensor_file")
+    if Path(name).name != name:
+        raise PlanError(f"{path}: tensor_file must be a file name next to the plan, got {name!r}")
+    side = path.with_name(name)
+    if not side.exists():
+        raise PlanError(f"tensors of {path} not found: {side}")
+    try:
+        raw = load_file(str(side))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlanError(f"{side} is not a readable safetensors file: {e}") from None
+    tensors = {prefix + k: v for k, v in raw.items()}
+    for k, shape in expect_mapping(listed if listed is not None else {}, "tensors").items():
+        dims = [expect_int(x, f"tensors[{k!r}]", low=0) for x in expect_list(shape, f"tensors[{k!r}]")]
+        if k not in tensors:
+            raise PlanError(f"{side} lacks tensor {k!r} that {path.name} lists")
+        if list(tensors[k].shape) != dims:
+            raise PlanError(f"{side}: tensor {k!r} has shape {list(tensors[k].shape)}, the plan says {dims}")
+    return tensors

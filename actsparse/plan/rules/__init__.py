@@ -1,0 +1,11 @@
+"""Rule kinds of a sparsity plan, one class each, registered by importing their module."""
+
+from .activation_thresholds import ActivationThresholds
+from .base import ROLES, RULE_KINDS, Rule, register_rule, rule_fields
+from .input_thresholds import SCORES, InputThresholds
+from .predictors import SELECTIONS, Predictors, check_predictor_clash
+from .stat_topk import DISTRIBUTIONS, StatTopK, normal_ppf
+
+__all__ = ["ActivationThresholds", "DISTRIBUTIONS", "InputThresholds", "Predictors", "ROLES", "RULE_KINDS",
+           "Rule", "SCORES", "SELECTIONS", "StatTopK", "check_predictor_clash", "normal_ppf",
+           "register_rule", "rule_fields"]

@@ -1,0 +1,87 @@
+"""The base class of a plan's rule kinds, and their registry.
+
+A rule kind is one way of deciding which inputs are zero (TEAL input thresholds, CATS
+activation thresholds, statistical top-k, learned predictors, ...). Each kind is a class that
+owns its fields of the plan file: it validates them (every error names the field), writes
+them back, names the modules it refers to, and holds the tensors it needs (saved in the
+plan's safetensors sidecar). ``SparsityPlan`` knows rules only through this interface, so a
+new kind is one new class here plus the pass and op that lower it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+#: The site roles a rule may name (see ``actsparse.passes.find_sites``).
+ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
+
+
+class Rule:
+    """One kind of rule in a plan; subclasses are registered with ``register_rule``."""
+
+    #: Registry key, and the plan file's field for this kind.
+    kind: ClassVar[str] = ""
+    #: Every top-level field of the plan file this kind reads and writes.
+    fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether the kind keeps tensors in the plan's sidecar (then ``load_tensors`` always runs).
+    has_tensors: ClassVar[bool] = False
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rule | None:
+        """This kind's rule from a plan file's top-level mapping; None if the file has none."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        """This kind's top-level fields of the plan file."""
+        raise NotImplementedError
+
+    def is_empty(self) -> bool:
+        return not self.modules()
+
+    def modules(self) -> set[str]:
+        """Every module name the rule refers to (checked against the model)."""
+        return set()
+
+    def input_major_modules(self, linears: list[str]) -> set[str]:
+        """The linears whose weights this rule's ops read input-sparse (stored input-major).
+
+        ``linears`` are the model's decoder linears (LM head excluded), for rules that apply to
+        every site rather than to named modules.
+        """
+        return set()
+
+    def check(self, shapes: Mapping[str, list[int]]) -> None:
+        """Raise PlanError unless the rule fits a model with these linear weight shapes."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved in the plan's safetensors sidecar, by key (unique within the kind)."""
+        return {}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take back the tensors ``tensors()`` saved (keys as given there)."""
+
+    def describe(self) -> str:
+        """A few words for ``SparsityPlan.summary``."""
+        return self.kind
+
+
+RULE_KINDS: dict[str, type[Rule]] = {}
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    """Class decorator: make a rule kind known to plans (file reading, validation)."""
+    if not cls.kind or not cls.fields:
+        raise TypeError(f"{cls.__name__} must set kind and fields")
+    taken = {f: k.kind for k in RULE_KINDS.values() for f in k.fields if k is not cls}
+    clash = [f for f in cls.fields if f in taken]
+    if clash:
+        raise TypeError(f"{cls.__name__}: plan fields {clash} already belong to another rule kind")
+    RULE_KINDS[cls.kind] = cls
+    return cls
+
+
+def rule_fields() -> set[str]:
+    return {f for k in RULE_KINDS.values() for f in k.fields}

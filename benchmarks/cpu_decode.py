@@ -1,0 +1,228 @@
+"""CPU decode speed: dense ``torch.compile`` against the sparse backend, in the same run.
+
+A minimal greedy decode loop (a static KV cache, the compiled forward, argmax, nothing else
+per token), timed after warm-up; every variant decodes the same prompt. HF ``generate``
+is not used here: on the CPU it does not compile the decode step itself, and wrapping its
+``forward`` recompiles on every call (its cache-position handling changes guards), which
+measured compilation instead of decoding.
+
+Each variant is checked before it is timed: the number of Dynamo compilations during the
+timed tokens must be zero (a recompiling variant is an error, not a slow row), and its
+greedy tokens are compared with the eager model under the same masks (the hook reference).
+
+    python -m benchmarks.cpu_decode --model smollm2-135m --sparsity 0.5 --out benchmarks/results/cpu_decode_smollm2-135m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def compile_count() -> int:
+    """Dynamo frames compiled so far in this process (grows on every recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def decode_loop(model, step: Callable, ids: torch.Tensor, new_tokens: int, cache,
+                before_decode: Callable[[], None] | None = None, forced: list[int] | None = None,
+                logits: list | None = None) -> tuple[list[int], float]:
+    """Prefill with the dense eager model, then ``new_tokens`` greedy steps through ``step``;
+    (tokens, seconds of the decode steps). ``before_decode`` runs between the two; with
+    ``forced`` the inputs are those tokens instead of the argmax; ``logits`` collects each
+    step's logits."""
+    n = ids.shape[1]
+    cache.reset()
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        if before_decode is not None:
+            before_decode()
+        toks = [int(tok)]
+        t0 = time.perf_counter()
+        for i in range(new_tokens):
+            out_logits = step(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([n + i]),
+                              use_cache=True).logits[:, -1:]
+            if logits is not None:
+                logits.append(out_logits.flatten().clone())
+            tok = out_logits.argmax(-1) if forced is None else torch.tensor([[forced[i + 1]]])
+            toks.append(int(out_logits.argmax(-1)))
+        seconds = time.perf_counter() - t0
+    return toks, seconds
+
+
+def time_variant(model, backend, ids: torch.Tensor, new_tokens: int, repeats: int,
+                 max_cache_len: int) -> dict[str, Any]:
+    """Compile ``model.forward`` with ``backend`` and time its decode; median over repeats."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    # one cache object for every call: a step compiled against one StaticCache and called
+    # with another was seen to read the first one's tensors (torch 2.13, transformers 5)
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    step = model.forward if backend is None else torch.compile(model.forward, backend=backend, fullgraph=True)
+    t = time.perf_counter()
+    decode_loop(model, step, ids, 4, cache)  # compiles
+    compile_s = time.perf_counter() - t
+    decode_loop(model, step, ids, new_tokens, cache)  # warm-up at full length
+    before = compile_count()
+    rates, toks = [], None
+    for _ in range(repeats):
+        toks, s = decode_loop(model, step, ids, new_tokens, cache)
+        rates.append(new_tokens / s)
+    recompiles = compile_count() - before
+    if recompiles:
+        raise RuntimeError(f"{recompiles} recompilation(s) during timed decoding: the figure would "
+                           "measure compilation, not decoding")
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "compile_and_first_s": compile_s,
+            "tokens": toks, "_step": step, "_cache": cache}
+
+
+def check_against_reference(model, step, plan, ids: torch.Tensor, new_tokens: int,
+                            max_cache_len: int, cache=None) -> dict[str, float]:
+    """The compiled step against the eager model masked by hooks, on the same tokens.
+
+    The compiled step decodes greedily; the reference is fed the same tokens (teacher
+    forcing), so every step compares logits of identical inputs. Greedy sequences of two
+    masked models may still part: masks are discontinuous, and the last-bit differences of
+    fused arithmetic flip the channels sitting on a threshold. ``cache``: the static cache the
+    step was compiled with (a compiled step must keep its cache object; see ``time_variant``).
+    """
+    from transformers import StaticCache
+
+    got: list = []
+    cache = cache if cache is not None else StaticCache(config=model.config, max_cache_len=max_cache_len)
+    toks, _ = decode_loop(model, step, ids, new_tokens, cache, logits=got)
+    ref: list = []
+    reference_tokens(model, plan, ids, new_tokens, max_cache_len, forced=toks, logits=ref)
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(got, ref)]
+    same = [int(a.argmax()) == int(b.argmax()) for a, b in zip(got, ref)]
+    return {"max_rel_logit_diff": max(rel), "median_rel_logit_diff": statistics.median(rel),
+            "argmax_agreement": sum(same) / len(same)}
+
+
+def reference_tokens(model, plan, ids: torch.Tensor, new_tokens: int, max_cache_len: int,
+                     forced: list[int] | None = None, logits: list | None = None) -> list[int]:
+    """Greedy tokens of the eager model with the plan's input masks applied by hooks while
+    decoding (the prefill is dense, as in ``time_variant``)."""
+    from transformers import StaticCache
+
+    from actsparse.ops.reference import input_mask
+
+    hooks: list = []
+
+    def install():
+        hooks.extend(model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, t=t: (torch.where(input_mask(a[0], t, False), a[0], torch.zeros((), dtype=a[0].dtype)),))
+            for n, t in plan.thresholds.items())
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        return decode_loop(model, model.forward, ids, new_tokens, cache, before_decode=install,
+                           forced=forced, logits=logits)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of greedy tokens equal up to the first divergence (1.0: identical).
+
+    Masks are discontinuous: Inductor's fused fp32 arithmetic differs from eager in the last
+    bits, which flips channels sitting on a threshold, so long greedy sequences may part."""
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same / max(1, min(len(a), len(b)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    p.add_argument("--method", default="teal", help="calibration method of the sparse plans")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--data", default=None)
+    p.add_argument("--eager", action="store_true", help="also time the uncompiled model")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import actsparse
+    from actsparse.calibration.data import wikitext2_split
+    from actsparse.models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, dtype=torch.float32)
+    model.eval()
+    calib, evaluation, split = wikitext2_split(args.data)
+    prompt = evaluation[:2000]
+    ids = tok(prompt, return_tensors="pt").input_ids[:, :64]
+    cache_len = ids.shape[1] + args.new_tokens + 8
+    result: dict[str, Any] = {
+        "command": "python -m benchmarks.cpu_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model, "dtype": "float32", "device": f"CPU {platform.machine()}",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "calibration_text": split.get("calibration"), "prompt_text": split.get("evaluation"),
+        "rows": [],
+    }
+    out = Path(args.out) if args.out else None
+
+    def save():
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+
+    variants: list[tuple[str, Any, Any]] = []
+    if args.eager:
+        variants.append(("eager dense", None, None))
+    variants.append(("dense (inductor)", "inductor", None))
+    for s in args.sparsity:
+        plan = actsparse.calibrate(model, calib, method=args.method, sparsity=s, tokenizer=tok,
+                                   token_budget=args.calib_tokens)
+        variants.append((f"{args.method} {s:.0%}", "sparse", plan))
+    dense_rate = None
+    for name, be, plan in variants:
+        print(f"[cpu_decode] {name} ...", file=sys.stderr, flush=True)
+        backend = actsparse.backend(plan) if plan is not None else be
+        if plan is not None:
+            actsparse.prepare(model, plan)
+        row = {"variant": name, **time_variant(model, backend, ids, args.new_tokens, args.repeats, cache_len)}
+        step, step_cache = row.pop("_step"), row.pop("_cache")
+        if plan is not None:
+            ref = reference_tokens(model, plan, ids, args.new_tokens, cache_len)
+            row["plan"] = {"method": plan.method, "target": plan.target,
+                           "overall_sparsity": plan.overall_sparsity}
+            row["greedy_prefix_agreement_with_masked_eager"] = agreement(row["tokens"], ref)
+            row["check_vs_masked_eager"] = check_against_reference(model, step, plan, ids, args.new_tokens,
+                                                                   cache_len, step_cache)
+        if name == "dense (inductor)":
+            dense_rate = row["tokens_per_s"]
+        if dense_rate:
+            row["speedup_vs_dense_inductor"] = row["tokens_per_s"] / dense_rate
+        result["rows"].append(row)
+        save()
+        print(f"[cpu_decode] {name}: {row['tokens_per_s']:.2f} tok/s", file=sys.stderr, flush=True)
+    for r in result["rows"]:
+        print(f"{r['variant']:>20}: {r['tokens_per_s']:7.2f} tok/s  x{r.get('speedup_vs_dense_inductor', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The CPU decode and overlap benchmarks' helpers on a tiny model (no timing claims)."""
+
+from __future__ import annotations
+
+import torch
+
+import actsparse
+from benchmarks.cpu_decode import agreement, time_variant
+from benchmarks.overlap import overlaps, record_masks
+from actsparse.models import tiny
+
+
+def test_overlaps_and_agreement():
+    a = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
+    c = torch.tensor([0, 0, 0, 0], dtype=torch.bool)
+    assert overlaps([a, b, b, c]) == [0.5, 1.0, 1.0]
+    assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert agreement([1, 2], [1, 2]) == 1.0
+
+
+def _plan(model, t=0.5):
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return actsparse.SparsityPlan.from_thresholds(model, {n: t for n in names})
+
+
+def test_time_variant_decodes_without_recompiling():
+    model = tiny("llama")
+    plan = _plan(model)
+    actsparse.prepare(model, plan)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    row = time_variant(model, actsparse.backend(plan), ids, new_tokens=6, repeats=2, max_cache_len=24)
+    assert row["tokens_per_s"] > 0 and len(row["runs"]) == 2 and len(row["tokens"]) == 7
+    dense = time_variant(model, "inductor", ids, new_tokens=6, repeats=1, max_cache_len=24)
+    assert dense["tokens_per_s"] > 0
+
+
+def test_record_masks_one_mask_per_decode_step():
+    model = tiny("llama")
+    plan = _plan(model, 0.3)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    masks = record_masks(model, plan, ids, new_tokens=5)
+    assert set(masks) == set(plan.thresholds)
+    for name, seq in masks.items():
+        assert len(seq) == 5 and seq[0].dtype == torch.bool
+        assert seq[0].numel() == model.get_submodule(name).in_features
