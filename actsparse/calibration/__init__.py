@@ -6,11 +6,12 @@
 Each method is a registered class (``method.METHODS``): ``teal`` (uniform quantile
 thresholds, optionally on WINA scores), ``teal-greedy`` (TEAL's per-block greedy allocation),
 ``cats`` (MLP activation thresholds), ``cett`` (MLP thresholds from an output-error budget),
-``stat-topk`` (calibration-free statistical top-k), ``predictor`` (learned predictors).
+``stat-topk`` (calibration-free statistical top-k), ``predictor`` (learned predictors), ``polar``
+(attention head routers; ``head_density=`` adds them to any method's plan).
 Importing a method's module registers it.
 """
 
-from . import teal, greedy, cats, cett, stat_topk, predictor  # noqa: F401,I001  (registers the methods, in this order)
+from . import teal, greedy, cats, cett, stat_topk, predictor, heads  # noqa: F401,I001  (registers the methods, in this order)
 from .calibrator import Calibrator, calibrate
 from .data import CALIBRATION_ARTICLES, token_batches, wikitext2_split
 from .greedy import greedy_for

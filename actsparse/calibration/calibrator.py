@@ -19,6 +19,7 @@ import torch
 
 from ..plan import SparsityPlan, fingerprint
 from .data import token_batches
+from .heads import add_head_routing
 from .method import METHODS, CalibrationError, check_options, get_method
 from .sites import masked_sites, overall_sparsity, trace_sites
 from .statistics import KINDS, Statistics, collect_statistics
@@ -80,7 +81,8 @@ class Calibrator:
 def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greedy", sparsity: float | None = 0.5,
               tokenizer=None, *, token_budget: int = 16384, batch_size: int = 4, seq_len: int = 512,
               progress: bool = True, seed: int = 0, source: str | None = None, greedy_step: float = 0.02,
-              greedy_tokens: int = 256, cett_tokens: int = 256, **options: Any) -> SparsityPlan:
+              greedy_tokens: int = 256, cett_tokens: int = 256, head_density: float | None = None,
+              head_tokens: int = 8192, **options: Any) -> SparsityPlan:
     """Calibrate a SparsityPlan for ``model`` on ``tokens_or_texts`` with a registered method.
 
     ``options`` are the method's own (``wina=True`` for teal / teal-greedy, ``error_budget`` for
@@ -88,11 +90,23 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
     method does not take is an error naming the methods that do. ``source`` describes the data in
     the plan's info; ``greedy_*``: block-error tokens and step of the teal-greedy allocation;
     ``cett_tokens``: tokens the CETT error is measured on.
+
+    ``head_density`` adds trained head routers (``calibration.heads``) to the plan of any
+    method: a mean fraction of attention units kept per token, on ``head_tokens`` tokens. For a
+    method whose target is the head sparsity (``polar``) it sets that target.
     """
     m = get_method(method)
     options = {k: v for k, v in options.items() if v is not None and v is not False}
     check_options(m, options)
+    if m.targets_heads and head_density is not None:
+        sparsity, head_density = 1.0 - float(head_density), None
     m.check_target(sparsity, options)
     args = dict(token_budget=token_budget, batch_size=batch_size, seq_len=seq_len, seed=seed, progress=progress,
                 source=source, cett_tokens=cett_tokens, greedy_tokens=greedy_tokens, greedy_step=greedy_step)
-    return m.calibrate(model, tokens_or_texts, sparsity, tokenizer, calibrator_args=args, options=options)
+    if m.targets_heads:
+        args["token_budget"] = head_tokens
+    plan = m.calibrate(model, tokens_or_texts, sparsity, tokenizer, calibrator_args=args, options=options)
+    if head_density is not None:
+        add_head_routing(plan, model, tokens_or_texts, head_density, tokenizer, token_budget=head_tokens,
+                         seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress)
+    return plan

@@ -59,6 +59,8 @@ class Method:
     target_scope: ClassVar[str] = ""
     #: Whether ``make`` works from a Calibrator's statistics (False: the method has its own pass).
     from_statistics: ClassVar[bool] = True
+    #: Whether the target is a head sparsity (then ``calibrate(head_density=d)`` means target 1 - d).
+    targets_heads: ClassVar[bool] = False
 
     def needs_with(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         """The statistics needed with these options (WINA scores need their own)."""

@@ -49,35 +49,38 @@ class SparseBackend:
         if opts.plan_was_default and not self._announced:
             self._announced = True
             warnings.warn(opts.default_note, stacklevel=2)
-        result = run_passes(gm, opts.plan)
-        self.sites.extend(result.sites)
-        self.masked_sites += result.stats.masked_sites
-        self.found_rules |= result.stats.found_rules
-        if not result.sites:
-            if not self._warned_no_sites:
-                self._warned_no_sites = True
-                warnings.warn("actsparse: no linear layer found in the traced graph; it is "
-                              "compiled densely by Inductor", stacklevel=2)
-        else:
-            self._report_unresolved(result)
-            self._report_missing()
-        if opts.debug:
-            print(f"actsparse: graph {self.graphs}\n{result.table}")
-        for node in gm.graph.nodes:  # kernel workspaces, sized before CUDA graphs warm up in a pool
-            ops.reserve(node)
-        if opts.compiler == "eager":
-            compiled = gm.forward
-        else:
-            compiled = compile_fx(gm, example_inputs, config_patches=opts.config_patches())
-        relayout = [example_inputs[i] for i in result.input_major_inputs
-                    if isinstance(example_inputs[i], torch.nn.Parameter)
-                    and not is_input_major(example_inputs[i])]
-        if opts.relayout == "lazy" and relayout:
-            compiled = _relayout_after_first_call(compiled, relayout)
-        if result.constants.keys:
-            compiled = _holding(compiled)
-            result.constants.bind(compiled)  # the constants live as long as this compiled graph
-        return compiled
+        # constants a pass registered are tied to the compiled graph at the end; if anything in
+        # between raises, none is returned to hold them, so they are released here
+        with ops.constants.released_on_error():
+            result = run_passes(gm, opts.plan)
+            self.sites.extend(result.sites)
+            self.masked_sites += result.stats.masked_sites
+            self.found_rules |= result.stats.found_rules
+            if not result.sites:
+                if not self._warned_no_sites:
+                    self._warned_no_sites = True
+                    warnings.warn("actsparse: no linear layer found in the traced graph; it is "
+                                  "compiled densely by Inductor", stacklevel=2)
+            else:
+                self._report_unresolved(result)
+                self._report_missing()
+            if opts.debug:
+                print(f"actsparse: graph {self.graphs}\n{result.table}")
+            for node in gm.graph.nodes:  # kernel workspaces, sized before CUDA graphs warm up in a pool
+                ops.reserve(node)
+            if opts.compiler == "eager":
+                compiled = gm.forward
+            else:
+                compiled = compile_fx(gm, example_inputs, config_patches=opts.config_patches())
+            relayout = [example_inputs[i] for i in result.input_major_inputs
+                        if isinstance(example_inputs[i], torch.nn.Parameter)
+                        and not is_input_major(example_inputs[i])]
+            if opts.relayout == "lazy" and relayout:
+                compiled = _relayout_after_first_call(compiled, relayout)
+            if result.constants.keys:
+                compiled = _holding(compiled)
+                result.constants.bind(compiled)  # the constants live as long as this compiled graph
+            return compiled
 
     def _report_unresolved(self, result) -> None:
         """A graph whose module names fit several places of the model runs dense: say so."""
@@ -116,18 +119,28 @@ def _relayout_after_first_call(compiled: Callable, params: list[torch.nn.Paramet
     Dynamo guards on parameter strides, so the layout cannot change while a graph is being
     compiled; changing it after the first call makes the next call recompile once, with the
     fast layout. ``actsparse.prepare(model, plan)`` does it ahead and saves that recompile.
+
+    Only after a call whose outputs need no gradient: a grad-mode call's backward graph still
+    reads the weights with the strides it was compiled for (Inductor asserts them), so re-storing
+    them between a forward and its backward would break ``loss.backward()``.
     """
     state = {"done": False}
 
     def run(*args):
         out = compiled(*args)
-        if not state["done"]:
+        if not state["done"] and not _needs_grad(out):
             state["done"] = True
             n = sum(to_input_major(p) for p in params)
             log.info("actsparse: %d weights re-stored input-major; the next call recompiles", n)
         return out
 
     return run
+
+
+def _needs_grad(out: Any) -> bool:
+    """Whether a graph's outputs carry an autograd graph (a backward may still come)."""
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
 
 
 def sparse_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,

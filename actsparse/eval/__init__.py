@@ -7,6 +7,7 @@ Used to compare a dense model with its sparse compiled version in the same run::
 """
 
 from .data import TASKS, load_task, load_wikitext2, wikitext2_articles
+from .masked import masked
 from .perplexity import PerplexityResult, perplexity
 from .results import EvalResult, run_eval
 from .tasks import TaskResult, evaluate_task
@@ -19,6 +20,7 @@ __all__ = [
     "evaluate_task",
     "load_task",
     "load_wikitext2",
+    "masked",
     "perplexity",
     "run_eval",
     "wikitext2_articles",

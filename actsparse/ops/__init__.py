@@ -7,8 +7,8 @@ every op; ``dispatch`` the one dense-or-sparse decision; ``limits`` the row limi
 ``constants`` the tensors the backend owns for them.
 """
 
-from . import (cached_sparse_linear, channel_sparse_linear, constants, dense, dispatch, gated_mlp, limits,  # noqa: F401
-               predict_mask, predicted_mlp, reference, sparse_linear)
+from . import (cached_sparse_linear, channel_sparse_linear, constants, dense, dispatch, gated_mlp,  # noqa: F401
+               head_sparse_attention, limits, predict_mask, predicted_mlp, reference, route_heads, sparse_linear)
 from .spec import OPS, OpSpec, bound_args, input_sparse_weights, reserve, spec_of
 
 __all__ = ["OPS", "OpSpec", "bound_args", "constants", "dense", "dispatch", "input_sparse_weights", "limits",

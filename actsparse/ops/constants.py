@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from contextlib import contextmanager
 
 from torch import Tensor
 
 _STORE: dict[str, tuple[Tensor, ...]] = {}
 _KEYS = itertools.count()
+_WATCHERS: list[list[str]] = []  # open released_on_error blocks
 
 
 class ConstantScope:
@@ -30,12 +32,29 @@ class ConstantScope:
         key = f"{name}#{next(_KEYS)}"
         _STORE[key] = tuple(tensors)
         self.keys.append(key)
+        for w in _WATCHERS:
+            w.append(key)
         return key
 
     def bind(self, owner: object) -> None:
         """Release this scope's entries when ``owner`` (the compiled callable) is freed."""
         if self.keys:
             weakref.finalize(owner, release, tuple(self.keys))
+
+
+@contextmanager
+def released_on_error():
+    """Release the entries registered inside the block if it raises: a compilation that fails
+    after a pass registered constants never binds them to a compiled graph, so nothing else would."""
+    added: list[str] = []
+    _WATCHERS.append(added)
+    try:
+        yield
+    except BaseException:
+        release(tuple(added))
+        raise
+    finally:
+        _WATCHERS.remove(added)
 
 
 def lookup(key: str) -> tuple[Tensor, ...]:

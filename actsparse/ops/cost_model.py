@@ -182,3 +182,28 @@ def gated_mlp_predict(m, d_model, d_ff, sparsity, dtype_bytes=2, device: Device 
     # the fused gate+up kernel is one launch; down is a second
     sparse = gate["dense_s"] + up["sparse_s"] - d.launch_overhead + down["sparse_s"]
     return {"dense_s": dense, "sparse_s": sparse, "speedup": dense / sparse, "union": union(m, sparsity)}
+
+
+# ------------------------------------------------------------------------------ decode attention
+
+#: Fixed cost of the head-sparse attention kernel over the dense attention it replaces: a second
+#: launch (the split combine) and the unit-index read.
+HEAD_KERNEL_OVERHEAD_S = 4e-6
+
+
+def kv_bytes(batch: int, kv_heads: int, length: int, head_dim: int, dtype_bytes: int) -> float:
+    """Bytes of K and V one decode step reads for every sequence's whole cache."""
+    return 2.0 * batch * kv_heads * length * head_dim * dtype_bytes
+
+
+def head_sparse_attention_pays(batch: int, kv_heads: int, length: int, head_dim: int, density: float,
+                               dtype_bytes: int = 2, device: Device | None = None) -> bool:
+    """Whether reading only the selected units' K/V saves more than the kernel's fixed cost.
+
+    Decode attention is memory bound: its time is the K/V bytes over bandwidth, so the kernel
+    saves (1 - density) of them. At batch 1 and short contexts that is a fraction of a
+    microsecond per layer, less than the cost of a second launch.
+    """
+    bw = (device or H100).bandwidth  # a pure read streams about as fast as the copy rate counts bytes
+    saved = (1.0 - density) * kv_bytes(batch, kv_heads, length, head_dim, dtype_bytes) / bw
+    return saved > HEAD_KERNEL_OVERHEAD_S

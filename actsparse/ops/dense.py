@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import activation, input_mask
+from .reference import activation, input_mask, selected_heads
 
 
 def _zero(x: Tensor) -> Tensor:
@@ -55,3 +55,11 @@ def masked_predicted_mlp(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, 
     g = activation(act, F.linear(x, w_gate, b_gate).float())
     h = torch.where(mask, g * F.linear(x, w_up, b_up).float(), torch.zeros((), device=x.device))
     return F.linear(h.to(x.dtype), w_down, b_down)
+
+
+def zero_unselected_heads(out: Tensor, unit_idx: Tensor, heads_per_unit: int) -> Tensor:
+    """An attention output [B, Hq, Tq, D] with the heads of unselected units zeroed (eager
+    attention implementations get head routing this way: its semantics, at dense speed)."""
+    B, Hq, Tq, _ = out.shape
+    keep = selected_heads(unit_idx.reshape(B, Tq, -1), B, Tq, Hq, heads_per_unit)[..., None]
+    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -9,6 +9,7 @@ in fp32 and the result is cast back to the input's dtype.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,3 +138,78 @@ def predicted_mlp_reference(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tenso
 def cached_sparse_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
     """The cached-weight index op computes the masked linear: the cache changes only the speed."""
     return sparse_linear_reference(x, [weight], [bias], [threshold])[0]
+
+
+# ------------------------------------------------------------------------ head-sparse attention
+
+def attended_positions(attn_mask: Optional[torch.Tensor], shape: tuple, device=None) -> torch.Tensor:
+    """Bool [B, Hq, Lq, S]: True where a position takes part in the softmax."""
+    if attn_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.expand(shape)
+    return (attn_mask.float() > torch.finfo(attn_mask.dtype).min).expand(shape)
+
+
+def selected_heads(unit_idx: torch.Tensor, batch: int, lq: int, num_heads: int, heads_per_unit: int) -> torch.Tensor:
+    """Bool [B, Hq, Lq]: True for the query heads of the selected units of each token."""
+    num_units = num_heads // heads_per_unit
+    idx = unit_idx.to(torch.int64)
+    if idx.dim() == 2:  # [B, n_sel]: one selection per sequence (Lq must be 1)
+        assert lq == 1, "unit_idx [B, n_sel] needs Lq == 1; pass [B, Lq, n_sel] otherwise"
+        idx = idx[:, None, :]
+    assert idx.shape[:2] == (batch, lq), f"unit_idx must be [B, Lq, n_sel], got {tuple(unit_idx.shape)}"
+    units = torch.zeros(batch, lq, num_units, dtype=torch.bool, device=idx.device)
+    units.scatter_(2, idx, True)
+    heads = units.repeat_interleave(heads_per_unit, dim=2)  # [B, Lq, Hq]
+    return heads.permute(0, 2, 1)
+
+
+def head_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    unit_idx: torch.Tensor,
+    heads_per_unit: int,
+    scale: float,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for the heads of the selected units, 0 elsewhere.
+
+    q [B, Hq, Lq, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], Hq = Hkv * G. attn_mask: None, bool
+    (True = attend) or additive float, broadcastable to [B, Hq, Lq, S]. unit_idx: integers
+    [B, n_sel] (Lq == 1) or [B, Lq, n_sel], units in [0, Hq / heads_per_unit). fp32 math,
+    output [B, Hq, Lq, Dv] in q's dtype.
+
+    A unit is ``heads_per_unit`` consecutive query heads (a whole KV group when it is the group
+    size, a single head when it is 1). Masked-out positions: False in a bool mask; a value at or
+    below ``finfo(dtype).min`` in a float mask (-inf too). A row with no attended position gives
+    0 (where plain softmax would average V uniformly, or give NaN for -inf).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
+    G = Hq // Hkv
+    assert Hq % heads_per_unit == 0 and (G % heads_per_unit == 0 or heads_per_unit % G == 0)
+    kf = k.float().repeat_interleave(G, dim=1)  # [B, Hq, S, D]
+    vf = v.float().repeat_interleave(G, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, Lq, S]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.float()
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(Lq, S, dtype=torch.bool, device=q.device).tril()
+    attended = attended_positions(attn_mask, (B, Hq, Lq, S), q.device)
+    scores = scores.masked_fill(~attended, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(attended.any(dim=-1, keepdim=True), probs, torch.zeros((), device=q.device))
+    out = probs @ vf  # [B, Hq, Lq, Dv]
+    keep = selected_heads(unit_idx, B, Lq, Hq, heads_per_unit).to(q.device)[..., None]
+    out = torch.where(keep, out, torch.zeros((), device=q.device))
+    return out.to(q.dtype)
+
+
+def route_heads_reference(x: Tensor, w: Tensor, b: Tensor, keep: int) -> Tensor:
+    """The ``keep`` units a linear router scores highest, per token: int64 [..., keep]."""
+    logits = F.linear(x.float(), w.float(), b.float())
+    return torch.topk(logits, keep, dim=-1, sorted=False).indices

@@ -106,9 +106,12 @@ def _flat(v: Any) -> list[Tensor]:
 
 
 def _unflat(v: Any, grads: dict[int, Tensor | None]) -> Any:
+    """The gradient of one argument, in the structure torch.library expects back: a list of
+    gradients for a list of tensors, else a single value (None for non-tensors, including a
+    list of floats, which torch.library treats as one non-differentiable leaf)."""
     if isinstance(v, Tensor):
         return grads.get(id(v)) if v.requires_grad else None
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, list) and all(isinstance(a, Tensor) for a in v):
         return [_unflat(a, grads) for a in v]
     return None
 
@@ -126,6 +129,15 @@ def autograd_from_reference(qualname: str, reference: Callable[..., Any], lib=No
     """Register the backward of op ``qualname`` as the gradient of ``reference`` (same arguments)."""
 
     def setup_context(ctx, inputs, output):
+        for v in inputs:
+            # torch.library passes a list mixing tensors and None (Tensor?[] biases, some None)
+            # as one opaque value: its tensors would silently get no gradient
+            if isinstance(v, list) and any(a is None for a in v) and \
+                    any(isinstance(a, Tensor) and a.requires_grad for a in v):
+                raise RuntimeError(
+                    f"actsparse::{qualname.split('::')[-1]}: a list argument mixes None and tensors that "
+                    "require grad; torch.library cannot return their gradients (pass zero tensors for "
+                    "the None entries, or detach them)")
         tensors: list[Tensor] = []
 
         def pack(v):

@@ -16,6 +16,7 @@ class RewriteStats:
     sparse_linear_calls: int = 0
     gated_mlp_calls: int = 0
     predicted_mlp_calls: int = 0
+    head_attention_calls: int = 0
     masked_sites: int = 0
     found_rules: set[str] = field(default_factory=set)
     unresolved: list[str] = field(default_factory=list)  # site names no plan name fits
@@ -32,6 +33,9 @@ class PassContext:
     input_major_inputs: list[int] = field(default_factory=list)
     #: tensors the inserted ops read (WINA cutoffs, predictor weights), released with the graph
     constants: ConstantScope = field(default_factory=ConstantScope)
+    #: graph module name -> (threshold, expected sparsity) of exact masks a pass implies (o_proj
+    #: after head routing: its input is zero on whole unselected heads)
+    implied_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
     table: str = ""
 
     def hint(self, plan_name: str | None) -> float:

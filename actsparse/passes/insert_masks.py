@@ -47,9 +47,25 @@ def _rules(ctx: PassContext) -> dict[fx.Node, list[tuple[Site, float, bool]]]:
             ctx.stats.found_rules.add(pname)
         elif s.role == "mlp_down" and pname in acts and not s.gated:
             groups[s.input].append((s, acts[pname], False))  # plain MLP: CATS is the down input's mask
+        elif s.module in ctx.implied_thresholds:  # exact zeros another pass made (head routing)
+            groups[s.input].append((s, ctx.implied_thresholds[s.module][0], False))
         elif st is not None and s.role in st.roles and st.sparsity > 0:
             groups[s.input].append((s, st.multiplier, True))
     return groups
+
+
+def _calls(members: list[tuple[Site, float, bool]]):
+    """The calls the masked sites of one input become: (per_token, members of the call).
+
+    Fixed and per-token thresholds never share a call; nor do sites with and without a bias
+    (torch.library takes a bias list that mixes None and tensors as one opaque value, so in
+    grad mode its biases could get no gradient: the op refuses it).
+    """
+    for per_token in (False, True):
+        for has_bias in (False, True):
+            part = [m for m in members if m[2] == per_token and (m[0].bias is not None) == has_bias]
+            if part:
+                yield per_token, part
 
 
 def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -61,13 +77,11 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
     wina = ctx.plan.score == "wina"
     orphans: list[fx.Node] = []
     for x, members in groups.items():
-        for per_token in (False, True):
-            part = [m for m in members if m[2] == per_token]
-            if not part:
-                continue
+        for per_token, part in _calls(members):
             first = min((m[0].node for m in part), key=order)
             channel = wina and not per_token
-            hint = max(ctx.hint(ctx.names.get(m[0].module, m[0].module)) for m in part)
+            hint = max(ctx.implied_thresholds[m[0].module][1] if m[0].module in ctx.implied_thresholds
+                       else ctx.hint(ctx.names.get(m[0].module, m[0].module)) for m in part)
             ns = [m[0].out_features for m in part]
             if not channel and run_dense(x, part[0][0].in_features, ns, hint):
                 _emit_dense(graph, x, part, per_token, first, orphans)

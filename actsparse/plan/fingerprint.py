@@ -58,7 +58,9 @@ def check_fingerprint(mine: Mapping[str, Any] | None, other: Mapping[str, Any]) 
         raise PlanError(f"plan was made for a {mine.get('architecture')} model, not for "
                         f"{other.get('architecture')}")
     a, b = mine.get("weights", {}), other.get("weights", {})
-    diff = [f"{n}: plan {a[n]} vs model {b.get(n)}" for n in a if list(a[n]) != list(b.get(n) or [])]
+    # both ways: a model with more layers (another depth) is another model too
+    diff = [f"{n}: plan {a.get(n)} vs model {b.get(n)}" for n in sorted(set(a) | set(b))
+            if list(a.get(n) or []) != list(b.get(n) or [])]
     if diff:
         raise PlanError("plan was made for another model (weight shapes differ): " + short_list(diff))
 

@@ -19,16 +19,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from .checks import PlanError, expect_mapping, expect_optional_number, expect_str, number_map, short_list
+from .checks import (PlanError, expect_mapping, expect_optional_mapping, expect_optional_number, expect_str,
+                     number_map, short_list, show)
 from .files import FORMAT, READABLE_VERSIONS, VERSION, read_plan, write_plan
 from .fingerprint import check_fingerprint, check_weight_shapes, fingerprint, linear_weights, parse_fingerprint
 from .rules import (ROLES, RULE_KINDS, ActivationThresholds, InputThresholds, Predictors, Rule, StatTopK,
                     check_predictor_clash, rule_fields)
+from .rules.base import PLAN_FIELDS
 
 R = TypeVar("R", bound=Rule)
 
 #: Fields of a plan file that are not rules: how and for which model it was made.
-_META_FIELDS = {"format", "version", "method", "target", "overall_sparsity", "roles", "measured", "model", "info"}
+_META_FIELDS = PLAN_FIELDS  # defined with the rule registry, which refuses kinds that claim them
 
 
 class SparsityPlan:
@@ -53,14 +55,16 @@ class SparsityPlan:
         rules: Iterable[Rule] = (),
     ) -> None:
         self.rules: dict[str, Rule] = {}
+        # the rules check their arguments (a list where a mapping belongs is a PlanError naming it)
         if thresholds is not None or score != "abs":
-            self.add(InputThresholds(dict(thresholds or {}), score))
+            self.add(InputThresholds({} if thresholds is None else thresholds, score))
         if activation_thresholds is not None:
-            self.add(ActivationThresholds(dict(activation_thresholds)))
+            self.add(ActivationThresholds(activation_thresholds))
         if stat_topk is not None:
             self.add(stat_topk)
         if predictors is not None or predictor_tensors:
-            self.add(Predictors(dict(predictors or {}), dict(predictor_tensors or {})))
+            self.add(Predictors({} if predictors is None else predictors,
+                                {} if predictor_tensors is None else predictor_tensors))
         for r in rules:
             self.add(r)
         self.method = method
@@ -95,7 +99,7 @@ class SparsityPlan:
 
     @thresholds.setter
     def thresholds(self, values: Mapping[str, float]) -> None:
-        self._rule_or_new(InputThresholds).values = InputThresholds(dict(values)).values
+        self._rule_or_new(InputThresholds).values = InputThresholds(values).values
 
     @property
     def score(self) -> str:
@@ -109,7 +113,7 @@ class SparsityPlan:
 
     @activation_thresholds.setter
     def activation_thresholds(self, values: Mapping[str, float]) -> None:
-        self._rule_or_new(ActivationThresholds).values = ActivationThresholds(dict(values)).values
+        self._rule_or_new(ActivationThresholds).values = ActivationThresholds(values).values
 
     @property
     def stat_topk(self) -> StatTopK | None:
@@ -132,7 +136,7 @@ class SparsityPlan:
 
     @predictor_tensors.setter
     def predictor_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._rule_or_new(Predictors).weights = dict(tensors)
+        self._rule_or_new(Predictors).weights = Predictors(weights=tensors).weights
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,8 +147,8 @@ class SparsityPlan:
 
         ``score="wina"`` makes each threshold apply to ``|x_i| * ||W[:, i]||`` instead of ``|x_i|``.
         """
-        plan = cls(thresholds=dict(thresholds), activation_thresholds=dict(activation_thresholds or {}),
-                   method=method, target=target, model=fingerprint(model), score=score)
+        plan = cls(thresholds=thresholds, activation_thresholds={} if activation_thresholds is None
+                   else activation_thresholds, method=method, target=target, model=fingerprint(model), score=score)
         plan.validate(model)
         return plan
 
@@ -152,8 +156,9 @@ class SparsityPlan:
     def statistical(cls, sparsity: float, model: torch.nn.Module | None = None,
                     roles: tuple[str, ...] = ROLES, distribution: str = "laplace") -> SparsityPlan:
         """A calibration-free plan: statistical top-k at ``sparsity`` on every site."""
-        return cls(stat_topk=StatTopK(float(sparsity), tuple(roles), distribution), method="stat-topk",
-                   target=float(sparsity), model=None if model is None else fingerprint(model))
+        rule = StatTopK(sparsity, roles, distribution)  # checks each argument (a bool is no sparsity)
+        return cls(stat_topk=rule, method="stat-topk", target=rule.sparsity,
+                   model=None if model is None else fingerprint(model))
 
     # ------------------------------------------------------------------ queries
     @property
@@ -228,21 +233,23 @@ class SparsityPlan:
         """A plan from its JSON (and sidecar tensors); every malformed field is a PlanError naming it."""
         d = expect_mapping(d, "the plan file")
         if d.get("format") != FORMAT:
-            raise PlanError(f"not an actsparse plan (format field is {d.get('format')!r})")
-        if d.get("version") not in READABLE_VERSIONS:
-            raise PlanError(f"plan version {d.get('version')!r} is not supported "
-                            f"(readable: {', '.join(map(str, READABLE_VERSIONS))})")
+            raise PlanError(f"format must be {FORMAT!r} (is this an actsparse plan?), got {show(d.get('format'))}")
+        version = d.get("version")
+        if type(version) is not int or version not in READABLE_VERSIONS:  # True == 1, but is no version
+            raise PlanError(f"version must be one of {', '.join(map(str, READABLE_VERSIONS))} "
+                            f"(the plan versions this actsparse reads), got {show(version)}")
         unknown = sorted(set(d) - _META_FIELDS - rule_fields())
         if unknown:
             raise PlanError(f"unknown plan field(s) {unknown}; known: {', '.join(sorted(_META_FIELDS | rule_fields()))}")
         plan = cls(
             method=expect_str(d.get("method", "manual"), "method"),
             target=expect_optional_number(d.get("target"), "target", low=0.0, high=1.0),
-            roles={k: expect_str(v, f"roles[{k!r}]") for k, v in expect_mapping(d.get("roles") or {}, "roles").items()},
-            measured=number_map(d.get("measured") or {}, "measured", low=0.0, high=1.0),
+            roles={k: expect_str(v, f"roles[{k!r}]")
+                   for k, v in expect_optional_mapping(d.get("roles"), "roles").items()},
+            measured=number_map(expect_optional_mapping(d.get("measured"), "measured"), "measured", low=0.0, high=1.0),
             overall_sparsity=expect_optional_number(d.get("overall_sparsity"), "overall_sparsity", low=0.0, high=1.0),
             model=parse_fingerprint(d.get("model")),
-            info=dict(expect_mapping(d.get("info") or {}, "info")),
+            info=dict(expect_optional_mapping(d.get("info"), "info")),
         )
         by_kind: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in (tensors or {}).items():
@@ -255,7 +262,8 @@ class SparsityPlan:
                 if r.has_tensors:
                     r.load_tensors(by_kind.pop(kind, {}))
         if by_kind:
-            raise PlanError(f"the plan's tensor file holds tensors of rule kinds it has no rules of: {sorted(by_kind)}")
+            raise PlanError(f"tensors: the plan's tensor file holds tensors of {sorted(by_kind)}, but the plan has "
+                            "no rules of these kinds that keep tensors")
         plan.check_consistency()
         return plan
 
@@ -287,11 +295,21 @@ class SparsityPlan:
     def __repr__(self) -> str:
         return self.summary()
 
+    def _compared(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What equality compares: the file's JSON and tensors, without empty rules (reading
+        ``plan.thresholds`` adds an empty rule to a plan, and must not make it unequal)."""
+        d = self.to_dict()
+        for r in self.rules.values():
+            if r.is_empty():
+                for f in r.fields:
+                    d.pop(f, None)
+        return d, {f"{r.kind}/{k}": t for r in self.rules.values() if not r.is_empty() for k, t in r.tensors().items()}
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SparsityPlan):
             return NotImplemented
-        mine, theirs = self.tensors(), other.tensors()
-        return (self.to_dict() == other.to_dict() and mine.keys() == theirs.keys()
+        (d, mine), (e, theirs) = self._compared(), other._compared()
+        return (d == e and mine.keys() == theirs.keys()
                 and all(torch.equal(mine[k], theirs[k]) for k in mine))
 
     __hash__ = None  # plans are mutable

@@ -1,16 +1,18 @@
 """GPU check: every plan kind compiled with CUDA graphs equals the eager masked model.
 
 A Llama of 8B widths and 2 layers in bf16 on the GPU; plans calibrated on random tokens
-(teal, teal with WINA scores, CATS, statistical top-k); prefill then decode steps at batch 1
+(teal, teal with WINA scores, CATS, statistical top-k) and random head routers at density 0.5
+(alone and with teal); prefill then decode steps at batch 1
 and 4 through ``torch.compile(backend=actsparse.backend(plan, cudagraphs=True))``, compared
 with the eager model whose linears are masked by hooks. Writes a JSON summary.
 
-    PYTHONPATH=. python3 benchmarks/studies/gpu_check_plans.py --out $OUT/gpu_check_plans.json
+    python -m benchmarks.studies.gpu_check_plans --out $OUT/gpu_check_plans.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import sys
@@ -19,40 +21,9 @@ import torch
 from transformers import StaticCache
 
 import actsparse
-from actsparse.ops.reference import activation, input_mask, wina_cutoffs
+from actsparse.calibration.heads import random_head_routing
+from actsparse.eval.masked import masked
 from actsparse.models import shaped
-
-
-def hooks_for(model, plan):
-    """Eager masks by module hooks: input thresholds (abs or WINA), CATS, statistical top-k."""
-    handles, mods = [], dict(model.named_modules())
-
-    def pre(tau=None, t=None, z=None):
-        def hook(mod, args):
-            x = args[0]
-            if z is not None:
-                keep = x.abs().float() > z * x.float().abs().mean(-1, keepdim=True)
-            elif tau is not None:
-                keep = x.abs().float() > tau
-            else:
-                keep = x.abs().float() > t
-            return (torch.where(keep, x, torch.zeros((), dtype=x.dtype)),) + args[1:]
-        return hook
-
-    for name, t in plan.thresholds.items():
-        w = mods[name].weight
-        handles.append(mods[name].register_forward_pre_hook(
-            pre(tau=wina_cutoffs(w, t)) if plan.score == "wina" else pre(t=t)))
-    for down, t in plan.activation_thresholds.items():
-        act = mods[down.rsplit(".", 1)[0]].act_fn
-        handles.append(act.register_forward_hook(
-            lambda m, a, out, t=t: torch.where(out.abs().float() > t, out, torch.zeros((), dtype=out.dtype))))
-    if plan.stat_topk is not None:
-        head = model.get_output_embeddings()
-        for mod in mods.values():
-            if isinstance(mod, torch.nn.Linear) and mod is not head:
-                handles.append(mod.register_forward_pre_hook(pre(z=plan.stat_topk.multiplier)))
-    return handles
 
 
 def run(fwd, model, ids, plan=None, steps=5):
@@ -67,14 +38,9 @@ def run(fwd, model, ids, plan=None, steps=5):
     b, n = ids.shape
     cache = StaticCache(config=model.config, max_cache_len=n + steps + 2)
     outs = []
-    hs = hooks_for(model, plan) if plan is not None else []
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :n - steps], past_key_values=cache,
-                        cache_position=torch.arange(n - steps, device=ids.device))
-    finally:
-        for h in hs:
-            h.remove()
+    with masked(model, plan) if plan is not None else contextlib.nullcontext(), torch.no_grad():
+        out = model(input_ids=ids[:, :n - steps], past_key_values=cache,
+                    cache_position=torch.arange(n - steps, device=ids.device))
     outs.append(out.logits[:, -1].float().clone())
     with torch.no_grad():
         for i in range(n - steps, n):
@@ -86,12 +52,17 @@ def run(fwd, model, ids, plan=None, steps=5):
     return outs
 
 
+def _with_heads(plan, model):
+    plan.add(random_head_routing(model, 0.5).rule(actsparse.plan.HeadRouting))
+    return plan
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--dry-run", action="store_true", help="a tiny fp32 llama on the CPU, no CUDA graphs")
     p.add_argument("--no-cudagraphs", action="store_true")
-    p.add_argument("--plans", nargs="+", default=["teal", "teal+wina", "cats", "stat-topk"])
+    p.add_argument("--plans", nargs="+", default=["teal", "teal+wina", "cats", "stat-topk", "heads", "teal+heads"])
     args = p.parse_args()
     faulthandler.enable()
     if args.dry_run:
@@ -108,21 +79,19 @@ def main() -> int:
                                          progress=False, wina=True),
         "cats": lambda: actsparse.calibrate(model, calib.cpu(), "cats", 0.5, token_budget=2048, seq_len=256, progress=False),
         "stat-topk": lambda: actsparse.SparsityPlan.statistical(0.5, model),
+        "heads": lambda: random_head_routing(model, 0.5),
+        "teal+heads": lambda: _with_heads(all_plans["teal"](), model),
     }
     plans = {k: all_plans[k]() for k in args.plans}
-    results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-               "rows": []}
+    results = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+               "command": "python -m benchmarks.studies.gpu_check_plans " + " ".join(sys.argv[1:]), "rows": []}
     ok_all = True
     for name, plan in plans.items():
         for batch in (1, 4):
             ids = torch.randint(0, model.config.vocab_size, (batch, 24), device=dev, generator=g)
             print(f"{name} batch {batch}: reference", flush=True)
-            hs = hooks_for(model, plan)
-            try:
+            with masked(model, plan):
                 ref = run(model.forward, model, ids)
-            finally:
-                for h in hs:
-                    h.remove()
             dense = run(model.forward, model, ids, plan)
             print(f"{name} batch {batch}: compiled", flush=True)
             actsparse.prepare(model, plan)
@@ -134,7 +103,7 @@ def main() -> int:
             err, gap = max(errs), max(gaps)
             ok = err < 0.5 * gap and be.masked_sites > 0
             ok_all &= ok
-            row = {"plan": name, "batch": batch, "rel_err_vs_masked_eager": err,
+            row = {"plan": name, "variant": name, "batch": batch, "rel_err_vs_masked_eager": err,
                    "rel_diff_dense_vs_masked": gap, "per_step_err": errs, "per_step_dense_diff": gaps, "masked_sites": be.masked_sites, "ok": ok}
             results["rows"].append(row)
             print(row, flush=True)

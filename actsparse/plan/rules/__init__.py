@@ -2,10 +2,11 @@
 
 from .activation_thresholds import ActivationThresholds
 from .base import ROLES, RULE_KINDS, Rule, register_rule, rule_fields
+from .head_routing import HeadRouting
 from .input_thresholds import SCORES, InputThresholds
 from .predictors import SELECTIONS, Predictors, check_predictor_clash
 from .stat_topk import DISTRIBUTIONS, StatTopK, normal_ppf
 
-__all__ = ["ActivationThresholds", "DISTRIBUTIONS", "InputThresholds", "Predictors", "ROLES", "RULE_KINDS",
+__all__ = ["ActivationThresholds", "DISTRIBUTIONS", "HeadRouting", "InputThresholds", "Predictors", "ROLES", "RULE_KINDS",
            "Rule", "SCORES", "SELECTIONS", "StatTopK", "check_predictor_clash", "normal_ppf",
            "register_rule", "rule_fields"]

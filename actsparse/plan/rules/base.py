@@ -70,15 +70,46 @@ class Rule:
 
 RULE_KINDS: dict[str, type[Rule]] = {}
 
+#: Top-level fields of a plan file that belong to the plan itself (how and for which model it
+#: was made) or to its file (the sidecar and its listing, and their version-1 names): no rule
+#: kind may claim them.
+PLAN_FIELDS = frozenset({"format", "version", "method", "target", "overall_sparsity", "roles", "measured",
+                         "model", "info"})
+FILE_FIELDS = frozenset({"tensor_file", "tensors", "predictor_file", "predictor_tensors"})
+
+
+def _same_class(a: type, b: type) -> bool:
+    """The same class, or the same class defined again (its module reloaded)."""
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
 
 def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Class decorator: make a rule kind known to plans (file reading, validation)."""
+    """Class decorator: make a rule kind known to plans (file reading, validation).
+
+    Refused (TypeError) where the kind's name or one of its fields is another kind's, or a
+    field is one of the plan's own: a plan file must say unambiguously which kind reads what.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise TypeError(f"register_rule takes a Rule subclass, got {cls!r}")
     if not cls.kind or not cls.fields:
         raise TypeError(f"{cls.__name__} must set kind and fields")
-    taken = {f: k.kind for k in RULE_KINDS.values() for f in k.fields if k is not cls}
+    if not isinstance(cls.kind, str) or "/" in cls.kind:
+        raise TypeError(f"{cls.__name__}: kind must be a string without '/' (it prefixes tensor keys), "
+                        f"got {cls.kind!r}")
+    if isinstance(cls.fields, str) or not all(isinstance(f, str) for f in cls.fields):
+        raise TypeError(f"{cls.__name__}: fields must be a tuple of strings, got {cls.fields!r}")
+    other = RULE_KINDS.get(cls.kind)
+    if other is not None and not _same_class(other, cls):
+        raise TypeError(f"{cls.__name__}: rule kind {cls.kind!r} is already {other.__name__}")
+    reserved = sorted(set(cls.fields) & (PLAN_FIELDS | FILE_FIELDS))
+    if reserved:
+        raise TypeError(f"{cls.__name__}: plan fields {reserved} belong to the plan itself, not to a rule kind")
+    taken = {f: k for k in RULE_KINDS.values() if not _same_class(k, cls) for f in k.fields}
     clash = [f for f in cls.fields if f in taken]
     if clash:
-        raise TypeError(f"{cls.__name__}: plan fields {clash} already belong to another rule kind")
+        owners = sorted({taken[f].__name__ for f in clash})
+        raise TypeError(f"{cls.__name__}: plan fields {clash} already belong to another rule kind "
+                        f"({', '.join(owners)})")
     RULE_KINDS[cls.kind] = cls
     return cls
 

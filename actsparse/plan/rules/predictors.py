@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, short_list
+from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, short_list, show
 from .base import Rule, register_rule
 
 SPEC_KEYS = ("gate", "up", "act", "rank", "in_features", "neurons", "selection", "keep", "threshold")
@@ -28,16 +28,26 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     spec = dict(expect_mapping(spec, where))
     missing = [k for k in SPEC_KEYS if k not in spec]
     if missing:
-        raise PlanError(f"{where} lacks {', '.join(missing)}")
+        raise PlanError(f"{where} must have the keys {', '.join(SPEC_KEYS)}; it lacks {', '.join(missing)}")
     for k in ("gate", "up", "act"):
         expect_str(spec[k], f"{where}[{k!r}]")
     expect_str(spec["selection"], f"{where}['selection']", SELECTIONS)
     for k in ("rank", "in_features", "neurons", "keep"):
         expect_int(spec[k], f"{where}[{k!r}]", low=1)
     if spec["keep"] > spec["neurons"]:
-        raise PlanError(f"{where}: keep {spec['keep']} exceeds {spec['neurons']} neurons")
+        raise PlanError(f"{where}['keep'] must be at most neurons ({spec['neurons']}), got {show(spec['keep'])}")
     expect_number(spec["threshold"], f"{where}['threshold']")
     return spec
+
+
+def check_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """The predictor tensors, by key: a mapping of string keys to tensors."""
+    weights = expect_mapping(weights, "predictor tensors")
+    bad = [k for k, t in weights.items() if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise PlanError(f"predictor tensors must be torch.Tensors, got {type(weights[bad[0]]).__name__} "
+                        f"for {short_list(bad)}")
+    return dict(weights)
 
 
 @register_rule
@@ -52,6 +62,7 @@ class Predictors(Rule):
 
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "predictors").items()}
+        self.weights = check_weights(self.weights)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Predictors | None:
@@ -75,21 +86,32 @@ class Predictors(Rule):
         return {k: self.weights[k] for k in sorted(self.weights)}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.weights = dict(tensors)
+        self.weights = check_weights(tensors)
         self.check_tensors()
 
     def check_tensors(self) -> None:
-        """Raise PlanError unless every predictor has its tensors, of shapes that fit its spec."""
+        """Raise PlanError unless every predictor has its tensors, of shapes that fit its spec, and
+        every tensor belongs to a predictor (a sidecar of another plan is not silently carried)."""
+        wanted = set()
         for name, sp in self.specs.items():
             d, n, r = sp["in_features"], sp["neurons"], sp["rank"]
             want = {f"{name}.w1": [r, d], f"{name}.w2": [n, r], f"{name}.b2": [n]}
+            wanted |= set(want)
             for key, shape in want.items():
                 t = self.weights.get(key)
                 if t is None:
-                    raise PlanError(f"predictor for {name!r} has no tensor {key!r} (was the plan's "
+                    raise PlanError(f"predictors[{name!r}] has no tensor {key!r} (was the plan's "
                                     "safetensors file saved with it?)")
+                if not isinstance(t, torch.Tensor):
+                    raise PlanError(f"predictors[{name!r}]: tensor {key!r} must be a torch.Tensor, "
+                                    f"got {type(t).__name__}")
                 if list(t.shape) != shape:
-                    raise PlanError(f"predictor tensor {key!r} has shape {list(t.shape)}, expected {shape}")
+                    raise PlanError(f"predictors[{name!r}]: tensor {key!r} must have shape {shape}, "
+                                    f"got {list(t.shape)}")
+        extra = sorted(set(self.weights) - wanted)
+        if extra:
+            raise PlanError(f"predictors: tensors {short_list(extra)} belong to no predictor of the plan "
+                            f"(predictors of {short_list(sorted(self.specs)) or 'no module'})")
 
     def check(self, shapes: Mapping[str, list[int]]) -> None:
         self.check_tensors()

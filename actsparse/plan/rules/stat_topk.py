@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import PlanError, expect_list, expect_mapping, expect_number, expect_str
+from ..checks import PlanError, expect_list, expect_mapping, expect_number, expect_str, show
 from .base import ROLES, Rule, register_rule
 
 DISTRIBUTIONS = ("laplace", "gaussian")
+STAT_TOPK_KEYS = ("sparsity", "roles", "distribution")
 
 
 def normal_ppf(p: float) -> float:
@@ -51,7 +52,8 @@ class StatTopK(Rule):
         roles = expect_list(self.roles, "stat_topk.roles")
         bad = [r for r in roles if r not in ROLES]
         if bad:
-            raise PlanError(f"stat_topk.roles: {bad} unknown; allowed: {', '.join(ROLES)}")
+            raise PlanError(f"stat_topk.roles must be a list of roles among {', '.join(ROLES)}, "
+                            f"got unknown {show(bad)}")
         self.roles = tuple(roles)
         expect_str(self.distribution, "stat_topk.distribution", DISTRIBUTIONS)
 
@@ -69,7 +71,10 @@ class StatTopK(Rule):
             return None
         st = expect_mapping(st, "stat_topk")
         if "sparsity" not in st:
-            raise PlanError("stat_topk lacks its 'sparsity' field")
+            raise PlanError("stat_topk must have a 'sparsity' field; it lacks one")
+        unknown = sorted(set(st) - set(STAT_TOPK_KEYS))
+        if unknown:  # a misspelt optional field would silently fall back to its default
+            raise PlanError(f"stat_topk must have only the fields {', '.join(STAT_TOPK_KEYS)}; got unknown {unknown}")
         return cls(st["sparsity"], st.get("roles", ROLES), st.get("distribution", "laplace"))
 
     def to_json(self) -> dict[str, Any]:
