@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="+", default=None, help="batch:context pairs to run (default: all)")
+    p.add_argument("--variants", nargs="+", default=None, help="variants to run for every pair (default: the matrix's)")
     p.add_argument("--budget-s", type=float, default=520)
     a = p.parse_args(argv)
     t_start = time.time()
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = torch.randint(0, cfg.vocab_size, (1, 512), device="cuda", generator=g)
     matrix = MATRIX if a.only is None else {tuple(map(int, s.split(":"))): MATRIX.get(
         tuple(map(int, s.split(":"))), ["dense", "heads-0.5"]) for s in a.only}
+    if a.variants:
+        matrix = {k: list(a.variants) for k in matrix}
     all_names = sorted({n for v in matrix.values() for n in v})
     ps = plans(model, all_names, calib)
     head_dim = cfg.hidden_size // cfg.num_attention_heads

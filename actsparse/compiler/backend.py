@@ -8,6 +8,7 @@ Each Dynamo graph goes through the pass pipeline and then to Inductor's ``compil
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -150,16 +151,25 @@ def sparse_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
 
 # One SparseBackend per plan object, so that graphs compiled for the same plan (graph breaks,
-# prefill and decode) share what they found when reporting missing rules.
-_BACKENDS: dict[int, tuple[SparsityPlan, SparseBackend]] = {}
+# prefill and decode) share what they found when reporting missing rules. The default plan
+# (no plan, no sparsity) is made anew by each parse, so it is keyed by its sparsity instead:
+# its note is given once, not once per graph.
+_BACKENDS: dict[Any, tuple[SparsityPlan, SparseBackend]] = {}
 
 
 def _backend_for(options: BackendOptions) -> SparseBackend:
-    key = id(options.plan)
-    hit = _BACKENDS.get(key)
-    if hit is not None and hit[0] is options.plan:
-        hit[1].options = options
-        return hit[1]
+    if options.plan_was_default:
+        key: Any = ("default", options.plan.stat_topk.sparsity)
+        hit = _BACKENDS.get(key)
+        if hit is not None:
+            hit[1].options = dataclasses.replace(options, plan=hit[0])
+            return hit[1]
+    else:
+        key = id(options.plan)
+        hit = _BACKENDS.get(key)
+        if hit is not None and hit[0] is options.plan:
+            hit[1].options = options
+            return hit[1]
     be = SparseBackend(options)
     _BACKENDS[key] = (options.plan, be)
     return be

@@ -75,6 +75,16 @@ class BackendOptions:
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise OptionsError(f"option 'compiler' must be one of {COMPILERS}, got {compiler!r}")
+        inductor = dict(options.get("inductor", {}))
+        if inductor:
+            import torch._inductor.config as inductor_config
+
+            known = inductor_config.get_config_copy()
+            bad = sorted(k for k in inductor if not isinstance(k, str) or k not in known)
+            if bad:
+                raise OptionsError(f"option 'inductor' has keys Inductor does not know: {bad}; allowed: "
+                                   "the names in torch._inductor.config (e.g. 'max_autotune', "
+                                   "'triton.cudagraphs')")
         plan = options.get("plan")
         sparsity = options.get("sparsity")
         if plan is not None and sparsity is not None:
@@ -91,7 +101,7 @@ class BackendOptions:
             plan = SparsityPlan.load(plan)
         cudagraphs = bool(options.get("cudagraphs", False)) or mode == "reduce-overhead"
         return cls(plan=plan, cudagraphs=cudagraphs, debug=bool(options.get("debug", False)),
-                   relayout=relayout, mode=mode, inductor=dict(options.get("inductor", {})),
+                   relayout=relayout, mode=mode, inductor=inductor,
                    compiler=compiler, plan_was_default=default)
 
     def config_patches(self) -> dict[str, Any]:

@@ -28,13 +28,11 @@ from .spec import define_op
 
 def dense_head_sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], unit_idx: Tensor,
                                 heads_per_unit: int, scale: float, is_causal: bool) -> Tensor:
-    """Dense attention over every head (K/V repeated to the query heads), unselected heads zeroed."""
+    """Dense attention over every head, unselected heads zeroed. Grouped-query attention reads
+    the cache as it is (``enable_gqa``): no copy of K/V repeated to the query heads."""
     B, Hq, Lq, _ = q.shape
-    g = Hq // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-                                         scale=scale)
+                                         scale=scale, enable_gqa=Hq != k.shape[1])
     idx = unit_idx if unit_idx.dim() == 3 else unit_idx[:, None, :]
     keep = selected_heads(idx, B, Lq, Hq, heads_per_unit)[..., None]
     return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device)).contiguous()

@@ -233,6 +233,7 @@ def test_compiled_model_backward_matches_masked_eager(kind, rows, monkeypatch):
         assert any(f"actsparse.{OPS[kind]}" in s for s in seen), seen
 
 
+@pytest.mark.slow  # Inductor compiles forward and backward: about 25 s with a cold cache
 def test_compiled_model_backward_inductor(monkeypatch):
     """Inductor traces the backward (AOTAutograd, fake tensors): TEAL and WINA at decode rows,
     whose ops read backend constants; the lazy relayout must wait for the backward."""

@@ -73,7 +73,7 @@ def _check_model(arch, model, sites):
     assert modules[others[0].module].weight is head.weight
     assert others[0].node is sites[-1].node
     for s in sites:
-        assert s.kind == ("addmm" if arch == "gpt2" else "linear")
+        assert s.kind == ("addmm" if arch == "gpt2" and s.role != "other" else "linear")
         w = modules[s.module].weight
         assert (s.out_features, s.in_features) == ((w.shape[1], w.shape[0]) if s.kind == "addmm" else tuple(w.shape))
         if s.role != "other":
@@ -92,9 +92,9 @@ def _check_model(arch, model, sites):
             assert down.gated["up"] is by_name[f"{prefix}.{i}.mlp.up_proj"]
         else:
             assert down.act is None and down.gated == {}
-        for s in sites:
-            if s is not down:
-                assert s.act is None and s.gated == {}
+    for s in sites:
+        if s.role != "mlp_down":
+            assert s.act is None and s.gated == {}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -170,7 +170,7 @@ def test_roles_outside_transformers():
                      "up": ("mlp_in", None), "down": ("mlp_down", "gelu"), "head": ("other", None)}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(arch=st.sampled_from(["llama", "gpt2"]), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]),
        head_dim=st.sampled_from([4, 8, 16]), kv_div=st.sampled_from([1, 2, 4]), ffn_mult=st.sampled_from([1, 2, 3]),
        ffn_extra=st.integers(0, 9), rows=st.integers(1, 5))
