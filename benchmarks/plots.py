@@ -36,6 +36,39 @@ def plot_e2e(files: list[str], out: str) -> Path:
     return Path(out)
 
 
+def plot_heads(files: dict[str, str], out: str) -> Path:
+    """Decode speedup over dense against batch, one line per context and head variant; one panel
+    per GPU file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(files), figsize=(5.2 * len(files), 4), squeeze=False)
+    for ax, (title, f) in zip(axes[0], files.items()):
+        d = json.loads(Path(f).read_text())
+        rows = [r for r in d["rows"] if "heads" in r["variant"] and not r.get("superseded") and r.get("vs_dense")]
+        for (variant, ctx) in sorted({(r["variant"], r["context"]) for r in rows}):
+            pts = sorted((r["batch"], r["vs_dense"]) for r in rows if r["variant"] == variant and r["context"] == ctx)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{variant}, context {ctx // 1024}k")
+        ideal = sorted({(r["batch"], r["context"], r["ideal_x"]) for r in rows if r["variant"] == "heads-0.5"})
+        for b, c, x in ideal:
+            ax.plot([b], [x], "k_", ms=14)
+        ax.axhline(1.0, c="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("tok/s over dense inductor + CUDA graphs")
+        ax.set_title(f"{title}\n{d['gpu']} (black ticks: bytes ideal of heads-0.5)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return Path(out)
+
+
+HEAD_FILES = {"head routing, Llama-3-8B shape, minimal loop": "benchmarks/results/e2e_heads_h200.json",
+              "same, second machine (heads-1.0: no head skipped)": "benchmarks/results/e2e_heads_h100.json"}
+
 E2E_FILES = {"HF generate, static cache": "benchmarks/results/e2e_h100.json",
              "minimal loop (no host sync per token)": "benchmarks/results/e2e_lean_h100.json",
              "HF generate, batches": "benchmarks/results/e2e_batch_h100.json",
@@ -87,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                   "both in the same run. Uniform TEAL thresholds calibrated per linear input on 512 random "
                   "tokens through the same model. Written by `python -m benchmarks.plots` from the "
                   "JSON files named below.\n\n" + e2e_markdown())
-    print(f"wrote {out} and {md}")
+    heads = plot_heads(HEAD_FILES, "benchmarks/results/e2e_heads.png")
+    print(f"wrote {out}, {md} and {heads}")
     return 0
 
 

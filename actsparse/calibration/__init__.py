@@ -8,8 +8,12 @@ thresholds, optionally on WINA scores), ``teal-greedy`` (TEAL's per-block greedy
 ``cats`` (MLP activation thresholds), ``cett`` (MLP thresholds from an output-error budget),
 ``stat-topk`` (calibration-free statistical top-k), ``predictor`` (learned predictors), ``polar``
 (attention head routers; ``head_density=`` adds them to any method's plan).
-Importing a method's module registers it.
+Every module of this package is imported here, so a new method is one new file: its class,
+decorated with ``register_method``.
 """
+
+import importlib
+import pkgutil
 
 from . import teal, greedy, cats, cett, stat_topk, predictor, heads  # noqa: F401,I001  (registers the methods, in this order)
 from .calibrator import Calibrator, calibrate
@@ -20,6 +24,10 @@ from .method import METHODS, CalibrationError, Made, Method, get_method, registe
 from .predictor import PredictorConfig, PredictorTrainer, train_predictor_plan
 from .sites import SiteRecord, overall_sparsity, trace_sites
 from .statistics import Statistics, collect_statistics
+
+for _mod in pkgutil.iter_modules(__path__):  # methods beyond the ones named above register on import
+    if _mod.name != "command":
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
     "CALIBRATION_ARTICLES",

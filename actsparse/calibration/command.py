@@ -28,6 +28,10 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     add("--wina", action="store_true", help="score |x_i| * ||W[:, i]|| (teal, teal-greedy)")
     add("--error-budget", type=float, default=None,
         help="cett: output-error budget (e.g. 0.2); without it the budget reaching --sparsity is searched")
+    add("--head-density", type=float, default=None,
+        help="add attention head routers keeping this mean fraction of heads (KV groups) per token, "
+             "to any method; with --method polar, the routers alone")
+    add("--head-tokens", type=int, default=8192, help="tokens the head routers train on (default: %(default)s)")
     add("--tokens", type=int, default=16384, help="calibration token budget (default: %(default)s)")
     add("--seq-len", type=int, default=512, help="calibration sequence length (default: %(default)s)")
     add("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
@@ -47,15 +51,21 @@ class _UsageError(Exception):
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.head_density is not None and not 0.0 < args.head_density <= 1.0:
+        raise _UsageError(f"--head-density must be in (0, 1], got {args.head_density}")
     try:
         method = get_method(args.method)
         options = _options(args)
         check_options(method, options)
-        method.check_target(args.sparsity, options)
+        if method.targets_heads and args.head_density is None:
+            raise _UsageError(f"--method {args.method} needs --head-density (the mean fraction of heads kept)")
+        if not method.targets_heads:
+            method.check_target(args.sparsity, options)
     except CalibrationError as e:
         raise _UsageError(str(e).replace("error_budget", "--error-budget").replace("wina ", "--wina ")
                           .replace("sparsity must", "--sparsity must")) from None
-    for flag, value, low in (("--tokens", args.tokens, 1), ("--seq-len", args.seq_len, 2),
+    for flag, value, low in (("--tokens", args.tokens, 1), ("--head-tokens", args.head_tokens, 2),
+                             ("--seq-len", args.seq_len, 2),
                              ("--batch-size", args.batch_size, 1), ("--calibration-articles",
                                                                     args.calibration_articles, 1)):
         if value < low:
@@ -110,7 +120,8 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     try:
         plan = calibrate(model, cal_text, args.method, args.sparsity, tokenizer,
                          token_budget=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                         progress=args.progress, seed=args.seed, source=split["source"], **_options(args))
+                         progress=args.progress, seed=args.seed, source=split["source"],
+                         head_density=args.head_density, head_tokens=args.head_tokens, **_options(args))
     except CalibrationError as e:
         print(f"actsparse calibrate: error: {e}", file=sys.stderr)
         return 2

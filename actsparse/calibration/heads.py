@@ -33,6 +33,7 @@ from .data import token_batches
 from .method import CalibrationError, Method, register_method
 from .sites import SiteRecord, blocks, trace_sites
 from .statistics import no_cache
+from .training import train_minibatches
 
 UNITS = ("group", "head")
 
@@ -101,24 +102,9 @@ def train_router(x: torch.Tensor, share: torch.Tensor, *, epochs: int = 30, lr: 
     xs = (x - mean) / std
     w = (torch.randn(u, d, generator=g) / math.sqrt(d)).requires_grad_()
     b = torch.zeros(u).requires_grad_()
-    opt = torch.optim.Adam([w, b], lr=lr)
-    steps = epochs * max(1, math.ceil(len(xs) / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    first = last = float("nan")
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xs), generator=g)
-        run = 0.0
-        for i in range(0, len(xs), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = -(share[idx] * F.log_softmax(F.linear(xs[idx], w, b), -1)).sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run += loss.item() * len(idx)
-        last = run / len(xs)
-        if epoch == 0:
-            first = last
+    first, last = train_minibatches(
+        [w, b], lambda idx: -(share[idx] * F.log_softmax(F.linear(xs[idx], w, b), -1)).sum(-1).mean(), len(xs),
+        epochs=epochs, batch_size=batch_size, lr=lr, generator=g)
     with torch.no_grad():  # fold the standardisation into the weights
         wf = w / std
         bf = b - wf @ mean

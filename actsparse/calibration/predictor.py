@@ -43,6 +43,7 @@ from ..plan import SELECTIONS, Predictors, SparsityPlan, fingerprint
 from .data import token_batches
 from .method import CalibrationError, Method, check_sparsity, register_method
 from .sites import SiteRecord, masked_sites, mlp_downs, overall_sparsity, trace_sites
+from .training import train_minibatches
 
 LABELS = ("topk", "cats")
 
@@ -186,9 +187,6 @@ def fit_predictor(x_train: torch.Tensor, y_train: torch.Tensor, x_held: torch.Te
     b2 = torch.log(pos / (1 - pos)).clone().requires_grad_()  # start at each neuron's base rate
     frac = y_train.float().mean().clamp(1e-4, 1 - 1e-4)
     pos_weight = (1 - frac) / frac  # class-weighted BCE: both classes weigh the same in total
-    opt = torch.optim.Adam([w1, w2, b2], lr=cfg.lr)
-    total = cfg.epochs * max(1, math.ceil(len(xs) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     yf = y_train.float()
 
     def loss_on(xb, yb):
@@ -197,21 +195,8 @@ def fit_predictor(x_train: torch.Tensor, y_train: torch.Tensor, x_held: torch.Te
     held_x, held_y = (x_held - mean) / std, y_held.float()
     with torch.no_grad():
         loss0 = loss_on(held_x, held_y).item()
-    first = last = float("nan")
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(xs), generator=g)
-        run = 0.0
-        for i in range(0, len(xs), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            loss = loss_on(xs[idx], yf[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run += loss.item() * len(idx)
-        last = run / len(xs)
-        if epoch == 0:
-            first = last
+    first, last = train_minibatches([w1, w2, b2], lambda idx: loss_on(xs[idx], yf[idx]), len(xs), epochs=cfg.epochs,
+                                    batch_size=cfg.batch_size, lr=cfg.lr, generator=g)
     with torch.no_grad():
         held_loss = loss_on(held_x, held_y).item()
         w1f = (w1 / std).detach()  # x -> (x - mean) / std folded into W1 and b2

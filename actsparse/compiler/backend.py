@@ -155,6 +155,7 @@ def sparse_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 # (no plan, no sparsity) is made anew by each parse, so it is keyed by its sparsity instead:
 # its note is given once, not once per graph.
 _BACKENDS: dict[Any, tuple[SparsityPlan, SparseBackend]] = {}
+_MAX_BACKENDS = 16
 
 
 def _backend_for(options: BackendOptions) -> SparseBackend:
@@ -172,6 +173,8 @@ def _backend_for(options: BackendOptions) -> SparseBackend:
             return hit[1]
     be = SparseBackend(options)
     _BACKENDS[key] = (options.plan, be)
+    while len(_BACKENDS) > _MAX_BACKENDS:  # keep the recent ones: a long session compiles many plans
+        del _BACKENDS[next(iter(_BACKENDS))]
     return be
 
 

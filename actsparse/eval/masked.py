@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from ..ops.reference import route_heads_reference, selected_heads, wina_cutoffs
-from ..plan import HeadRouting, SparsityPlan
+from ..plan import ROLES, HeadRouting, SparsityPlan
 
 
 @contextlib.contextmanager
@@ -21,7 +21,8 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
 
     TEAL thresholds: a forward pre-hook masks the module's input. CATS thresholds: a forward
     hook on the MLP's activation module masks ``act(gate)``, so ``act * up`` is masked too.
-    Statistical top-k: pre-hooks with the per-token cutoff on every non-head linear.
+    Statistical top-k: pre-hooks with the per-token cutoff on every non-head linear of its roles
+    that no fixed threshold or CATS rule covers.
     WINA plans (``score == "wina"``): the pre-hook's cutoff is per channel, ``t / ||W[:, i]||``.
     Head routing: a pre-hook on q_proj keeps the block input, one on o_proj zeroes the heads of
     the units the router did not pick for each token (before any other hook sees them).
@@ -59,11 +60,18 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
             handles.append(mods[down].register_forward_pre_hook(teal(t)))
         else:
             handles.append(act.register_forward_hook(act_mask(t)))
-    if plan.stat_topk is not None:
+    st = plan.stat_topk
+    if st is not None and st.sparsity > 0:
         head = model.get_output_embeddings()
+        taken = set(plan.thresholds)  # a fixed threshold, or a CATS MLP, takes precedence (as the pass does)
+        for down in plan.activation_thresholds:
+            mlp = mods[down.rsplit(".", 1)[0]]
+            taken |= {down} | {f"{down.rsplit('.', 1)[0]}.{p}" for p in ("gate_proj", "up_proj") if hasattr(mlp, p)}
+        roles = None if set(st.roles) >= set(ROLES) else _site_roles(model)
         for name, mod in mods.items():
-            if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D") and mod is not head:
-                handles.append(mod.register_forward_pre_hook(stat(plan.stat_topk.multiplier)))
+            if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D") and mod is not head \
+                    and name not in taken and (roles is None or roles.get(name) in st.roles):
+                handles.append(mod.register_forward_pre_hook(stat(st.multiplier)))
     heads = plan.rule(HeadRouting)
     for o_name, spec in (heads.specs.items() if heads is not None else ()):
         handles += _route_heads(mods, o_name, spec, heads.weights[f"{o_name}.w"], heads.weights[f"{o_name}.b"])
@@ -72,6 +80,13 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     finally:
         for h in handles:
             h.remove()
+
+
+def _site_roles(model: torch.nn.Module) -> dict[str, str]:
+    """Each linear's site role, from the backend's own site discovery (traces the model once)."""
+    from ..calibration.sites import trace_sites  # calibration reads eval's data: imported on use
+
+    return {s.module: s.role for s in trace_sites(model)}
 
 
 def _route_heads(mods, o_name, spec, w, b):

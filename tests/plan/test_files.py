@@ -162,7 +162,7 @@ def test_sidecar_of_a_kind_without_tensors(saved):
         SparsityPlan.load(path)
 
 
-@pytest.mark.parametrize("name", ["../plan.json.safetensors", "sub/plan.json.safetensors", "/tmp/x.safetensors",
+@pytest.mark.parametrize("name", ["../plan.json.safetensors", "sub/plan.json.safetensors", "/abs/x.safetensors",
                                   "..", ".", "", "a\\b"])
 def test_tensor_file_with_a_path(saved, name):
     path, data = saved
