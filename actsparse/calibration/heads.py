@@ -11,11 +11,13 @@ and the rest output zero. Training, on calibration text run through the dense mo
   scaling is folded into the weights afterwards, so it costs nothing at run time).
 
 Allocation: how many units each layer keeps is chosen from calibration error, not by hand.
-The error of a selection is the relative L2 norm of the dropped units' summed contribution to
-the block output, ``||sum_dropped c_u|| / ||sum_u c_u||``, measured on held-out tokens with the
-router's own selection (kept per token as the units' Gram matrix, so any selection's error is
-a lookup). Starting from every unit, a unit is taken from the layer where it raises the error
-least until the mean density reaches the target: layers that need every head keep them.
+The error of a selection is the L2 norm of the dropped units' summed contribution,
+``||sum_dropped c_u||``, relative to the residual stream entering the layer (default: what
+the dropped heads change in the model's state) or to the block's own output, measured on
+held-out tokens with the router's own selection (kept per token as the units' Gram matrix, so
+any selection's error is a lookup). Starting from every unit, a unit is taken from the layer
+where it raises the error least until the mean density reaches the target: layers that need
+every head keep them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from ..plan import HeadRouting, SparsityPlan, fingerprint
 from .data import token_batches
 from .method import CalibrationError, Method, register_method
-from .sites import SiteRecord, blocks, trace_sites
+from .sites import SiteRecord, block_module, blocks, trace_sites
 from .statistics import no_cache
 from .training import train_minibatches
 
@@ -49,6 +51,7 @@ class AttentionBlock:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    block: str | None = None  # the decoder layer holding it (its input is the residual stream)
 
     @property
     def group(self) -> int:
@@ -77,7 +80,8 @@ def attention_blocks(model: torch.nn.Module, sites: list[SiteRecord]) -> list[At
         if not ins or len(outs) != 1 or outs[0].in_features != hq * hd:
             continue
         q = next(s for s in ins if s.module == ins[0].group)
-        out.append(AttentionBlock(layer, q.module, outs[0].module, q.in_features, hq, hkv, hd))
+        out.append(AttentionBlock(layer, q.module, outs[0].module, q.in_features, hq, hkv, hd,
+                                  block_module(model, members)))
     return out
 
 
@@ -111,12 +115,13 @@ def train_router(x: torch.Tensor, share: torch.Tensor, *, epochs: int = 30, lr: 
     return Router(wf.detach().contiguous(), bf.detach().contiguous(), {"first_epoch": first, "last_epoch": last})
 
 
-def selection_error(gram: torch.Tensor, keep_mask: torch.Tensor) -> float:
+def selection_error(gram: torch.Tensor, keep_mask: torch.Tensor, scale: torch.Tensor | None = None) -> float:
     """Mean over tokens of ||sum of dropped contributions|| / ||sum of all||, from the Gram
-    matrices [T, U, U] of the units' contributions and a bool [T, U] of the kept units."""
+    matrices [T, U, U] of the units' contributions and a bool [T, U] of the kept units; with
+    ``scale`` [T], relative to it instead (the residual stream's norm)."""
     drop = (~keep_mask).float()
     num = torch.einsum("tu,tuv,tv->t", drop, gram, drop).clamp_min(0).sqrt()
-    den = gram.sum((1, 2)).clamp_min(1e-30).sqrt()
+    den = gram.sum((1, 2)).clamp_min(1e-30).sqrt() if scale is None else scale.clamp_min(1e-30)
     return float((num / den).mean())
 
 
@@ -134,13 +139,23 @@ class _Recorder:
         self.x: dict[str, list[torch.Tensor]] = {b.o_proj: [] for b in blks}
         self.share: dict[str, list[torch.Tensor]] = {b.o_proj: [] for b in blks}
         self.gram: dict[str, list[torch.Tensor]] = {b.o_proj: [] for b in blks}
+        self.residual: dict[str, list[torch.Tensor]] = {b.o_proj: [] for b in blks}
 
     def hooks(self):
         handles = []
         for blk in self.blks:
+            if blk.block is not None:
+                handles.append(self.mods[blk.block].register_forward_pre_hook(self._on_block(blk), with_kwargs=True))
             handles.append(self.mods[blk.q_proj].register_forward_pre_hook(self._on_input(blk)))
             handles.append(self.mods[blk.o_proj].register_forward_pre_hook(self._on_output(blk)))
         return handles
+
+    def _on_block(self, blk):
+        def fn(mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor):
+                self.residual[blk.o_proj].append(h.detach().float().reshape(-1, h.shape[-1]).norm(dim=-1).cpu())
+        return fn
 
     def _on_input(self, blk):
         def fn(mod, args):
@@ -166,18 +181,23 @@ class _Recorder:
 
 def head_routing(model: torch.nn.Module, tokens_or_texts, density: float, tokenizer=None, *,
                  unit: str | None = None, token_budget: int = 8192, seq_len: int = 512, batch_size: int = 4,
-                 holdout: float = 0.2, allocation: str = "greedy", seed: int = 0,
+                 holdout: float = 0.2, allocation: str = "greedy", error: str = "residual", seed: int = 0,
                  progress: bool = True) -> tuple[HeadRouting, dict[str, Any]]:
     """Trained head routers at mean head density ``density`` (kept units / units over layers).
 
     ``unit``: "group" (whole KV groups; the default where the model has several KV heads) or
     "head" (single query heads). ``allocation``: "greedy" (from calibration error, see the
-    module docstring) or "uniform" (every layer at the density).
+    module docstring) or "uniform" (every layer at the density). ``error``: what the greedy
+    allocation weighs, "residual" (the dropped contribution over the residual stream's norm: an
+    attention block that adds little to the residual can lose more of it) or "attention" (over
+    the block's own output).
     """
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
         raise CalibrationError(f"head density must be a number in (0, 1], got {density!r}")
     if allocation not in ("greedy", "uniform"):
         raise CalibrationError(f"allocation must be 'greedy' or 'uniform', got {allocation!r}")
+    if error not in ("residual", "attention"):
+        raise CalibrationError(f"error must be 'residual' or 'attention', got {error!r}")
     sites = trace_sites(model)
     blks = attention_blocks(model, sites)
     if not blks:
@@ -204,12 +224,14 @@ def head_routing(model: torch.nn.Module, tokens_or_texts, density: float, tokeni
 
     routers: dict[str, Router] = {}
     errors: dict[str, list[float]] = {}
+    costs: dict[str, list[float]] = {}  # what the allocation minimises
     oracle: dict[str, list[float]] = {}
     recall: dict[str, float] = {}
     for i, blk in enumerate(tqdm(blks, desc="head routing: train", disable=not progress, leave=False)):
         x = torch.cat(rec.x[blk.o_proj])
         share = torch.cat(rec.share[blk.o_proj])
         gram = torch.cat(rec.gram[blk.o_proj])
+        res = torch.cat(rec.residual[blk.o_proj]) if error == "residual" and rec.residual[blk.o_proj] else None
         held = max(1, int(round(len(x) * holdout)))
         if held >= len(x):
             raise CalibrationError("too few calibration tokens to hold some out: give more text")
@@ -218,12 +240,14 @@ def head_routing(model: torch.nn.Module, tokens_or_texts, density: float, tokeni
         with torch.no_grad():
             scores = r.scores(x[k:])
         errors[blk.o_proj] = [selection_error(gram[k:], topk_mask(scores, j)) for j in range(1, n_units + 1)]
+        costs[blk.o_proj] = errors[blk.o_proj] if res is None else \
+            [selection_error(gram[k:], topk_mask(scores, j), res[k:]) for j in range(1, n_units + 1)]
         oracle[blk.o_proj] = [selection_error(gram[k:], topk_mask(share[k:], j)) for j in range(1, n_units + 1)]
         j = max(1, int(round(density * n_units)))
         hit = topk_mask(scores, j) & topk_mask(share[k:], j)
         recall[blk.o_proj] = float(hit.sum() / (j * held))
 
-    keep = allocate(errors, n_units, density) if allocation == "greedy" else \
+    keep = allocate(costs, n_units, density) if allocation == "greedy" else \
         {n: max(1, int(round(density * n_units))) for n in errors}
     specs, tensors = {}, {}
     for blk in blks:
@@ -236,7 +260,7 @@ def head_routing(model: torch.nn.Module, tokens_or_texts, density: float, tokeni
         tensors[f"{blk.o_proj}.b"] = routers[blk.o_proj].b
     rule = HeadRouting(specs, tensors)
     info = {"target_density": density, "unit": unit, "heads_per_unit": hpu, "units": n_units,
-            "allocation": allocation, "tokens": data_info["tokens"], "held_out_fraction": holdout,
+            "allocation": allocation, "allocation_error": error, "tokens": data_info["tokens"], "held_out_fraction": holdout,
             "density": sum(keep.values()) / (n_units * len(keep)),
             "layers": {b.o_proj: {"keep": keep[b.o_proj], "error": round(errors[b.o_proj][keep[b.o_proj] - 1], 5),
                                   "oracle_error": round(oracle[b.o_proj][keep[b.o_proj] - 1], 5),
@@ -278,7 +302,9 @@ class Polar(Method):
     ``head_density`` directly."""
 
     name = "polar"
-    options = {"unit": "group (whole KV groups) or head", "allocation": "greedy or uniform"}
+    options = {"unit": "group (whole KV groups) or head", "allocation": "greedy or uniform",
+               "error": "what the greedy allocation weighs: residual (the dropped heads' share of the residual "
+                        "stream, default) or attention (their share of the attention output)"}
     target_scope = "attention units (KV groups or heads) per token"
     from_statistics = False
     targets_heads = True

@@ -14,16 +14,32 @@ import torch
 from ..plan import SparsityPlan
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The tensor a rank stores: a DTensor's local shard (tensor parallelism), else ``w``."""
+    local = getattr(w, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else w
+
+
 def is_input_major(w: torch.Tensor) -> bool:
+    w = _local(w)
     return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
 
 
 def to_input_major(param: torch.Tensor) -> bool:
-    """Re-store a 2-D parameter input-major, in place; True if anything changed."""
-    if param.dim() != 2 or is_input_major(param) or param.shape[0] == 1 or param.shape[1] == 1:
+    """Re-store a 2-D parameter input-major, in place; True if anything changed.
+
+    A DTensor parameter (tensor parallelism) has its local shard re-stored: the ops read the
+    shard (``to_local``), and ``.data`` of a DTensor does not reach it.
+    """
+    local = _local(param)
+    if local.dim() != 2 or is_input_major(local) or local.shape[0] == 1 or local.shape[1] == 1:
         return False
     with torch.no_grad():
-        param.data = param.data.t().contiguous().t()
+        if local is not param:  # a fresh tensor, not a view: Dynamo fakeifies a shard that is a view wrongly
+            shard = torch.empty_strided(local.shape, (1, local.shape[0]), dtype=local.dtype, device=local.device)
+            param._local_tensor = shard.copy_(local)
+        else:
+            param.data = param.data.t().contiguous().t()
     return True
 
 
@@ -35,4 +51,7 @@ def prepare(model: torch.nn.Module, plan: SparsityPlan) -> int:
     """
     plan.validate(model)
     mods = dict(model.named_modules())
-    return sum(to_input_major(mods[n].weight) for n in plan.input_major_modules(model))
+    # shards of a tensor-parallel model: actsparse.distributed.shard stores them (the backend
+    # cannot, and a model loaded by transformers with a tp_plan keeps them row-major)
+    return sum(to_input_major(mods[n].weight) for n in plan.input_major_modules(model)
+               if _local(mods[n].weight) is mods[n].weight)

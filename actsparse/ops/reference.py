@@ -60,7 +60,13 @@ def wina_cutoffs(weight: Tensor, threshold: float) -> Tensor:
     Computed in float64 and rounded once to fp32, so the result does not depend on the weight's
     memory layout (a reduction's rounding does); a zero column never activates (cutoff inf).
     """
-    norms = weight.detach().double().norm(dim=0)
+    return wina_cutoffs_from_norms(weight.detach().double().norm(dim=0), threshold)
+
+
+def wina_cutoffs_from_norms(norms: Tensor, threshold: float) -> Tensor:
+    """``t / norms`` as ``wina_cutoffs`` rounds it, from float64 column norms computed elsewhere
+    (a column-parallel shard's norms are summed over the ranks)."""
+    norms = norms.double()
     tau = torch.where(norms > 0, threshold / norms.clamp_min(1e-300), torch.full_like(norms, float("inf")))
     return tau.float()
 

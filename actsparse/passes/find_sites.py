@@ -10,6 +10,11 @@ placeholder that Dynamo lifted from a module parameter. Roles come from the grap
 * ``attn_out``: the linear whose input comes (through reshapes) from an attention op.
 * ``attn_in``: a linear whose output flows into an attention op (q/k/v, fused qkv).
 * ``other``: the rest (the LM head, for one); never masked unless a plan names it.
+
+Under tensor parallelism the weight is the local shard of a DTensor parameter,
+``p.to_local()`` (see ``dtensor.py``; ``localize_dtensor`` brings PyTorch's DTensor linears to
+that form first): the site's shapes are the local ones, ``shard`` says how it is split and
+``global_shape`` is the parameter's, the one a plan knows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from ..plan.sharding import Shard
+from .dtensor import local_weight, value_of
 
 _LINEAR_TARGETS = {torch._C._nn.linear, F.linear}
 _ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
@@ -66,6 +74,16 @@ class Site:
     gated: dict[str, "Site"] = field(default_factory=dict)  # gate/up producers of a gated MLP
     rule: str = "-"  # filled by the rewrite passes, for the debug table
     rewritten: bool = False  # a rewrite pass replaced this site's linear
+    param: fx.Node | None = None  # the parameter's placeholder (``weight``, or what it is the local shard of)
+    shard: Shard | None = None  # tensor parallel: how the weight is split over the ranks
+    global_shape: tuple[int, int] | None = None  # the parameter's [out, in] (linear) as the plan knows it
+
+    @property
+    def plan_shape(self) -> tuple[int, int]:
+        """The weight's shape as a plan records it (global under tensor parallelism)."""
+        if self.global_shape is not None:
+            return self.global_shape
+        return (self.out_features, self.in_features) if self.kind == "linear" else (self.in_features, self.out_features)
 
     @property
     def block(self) -> int | None:
@@ -110,13 +128,17 @@ def _linear_site(node: fx.Node) -> Site | None:
         return None
     if not isinstance(w, fx.Node) or not isinstance(x, fx.Node):
         return None
-    owner = placeholder_module(w)
+    local = local_weight(w) if kind == "linear" else None
+    param, shard = local if local is not None else (w, None)
+    owner = placeholder_module(param)
     shape = _shape(w)
     if owner is None or owner[1] != "weight" or shape is None or len(shape) != 2:
         return None
     out_f, in_f = (shape[0], shape[1]) if kind == "linear" else (shape[1], shape[0])
+    full = tuple(value_of(param).shape) if local is not None else None
     return Site(node=node, module=owner[0], kind=kind, input=x, weight=w,
-                bias=b if isinstance(b, fx.Node) else None, out_features=out_f, in_features=in_f)
+                bias=b if isinstance(b, fx.Node) else None, out_features=out_f, in_features=in_f,
+                param=param, shard=shard, global_shape=full)
 
 
 def _is_pointwise(node: fx.Node) -> bool:
@@ -264,10 +286,13 @@ def discover_sites(gm: fx.GraphModule) -> list[Site]:
 
 def site_table(sites: list[Site]) -> str:
     """A plain-text table of sites: module, role, shapes, rule applied."""
-    rows = [("module", "role", "kind", "in", "out", "rule")]
+    tp = any(s.shard is not None for s in sites)
+    rows = [("module", "role", "kind", "in", "out") + (("tp",) if tp else ()) + ("rule",)]
     for s in sites:
+        shard = () if not tp else (f"{'col' if s.shard.dim == 0 else 'row'} {s.shard.index}/{s.shard.degree}"
+                                   if s.shard else "-",)
         rows.append((s.module, s.role + (f" ({s.act})" if s.act else ""), s.kind,
-                     str(s.in_features), str(s.out_features), s.rule))
+                     str(s.in_features), str(s.out_features)) + shard + (s.rule,))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

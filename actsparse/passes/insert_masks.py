@@ -18,9 +18,10 @@ import torch.fx as fx
 
 from ..ops.channel_sparse_linear import channel_sparse_linear as channel_sparse_linear_op
 from ..ops.dense import masked_input
-from ..ops.reference import wina_cutoffs
+from ..ops.reference import wina_cutoffs, wina_cutoffs_from_norms
 from ..ops.sparse_linear import sparse_linear as sparse_linear_op
 from .context import PassContext
+from .dtensor import column_norms
 from .find_sites import Site
 from .graph import erase_orphans, node_order, run_dense, static_rows, weight_value
 
@@ -114,7 +115,11 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 def _cutoffs(gm: fx.GraphModule, site: Site, t: float):
-    """``t / ||W[:, i]||`` for each input channel i of the site (the weight as compiled)."""
+    """``t / ||W[:, i]||`` for each input channel i of the site (the weight as compiled; under
+    tensor parallelism the rank's input channels, with the norms of the whole columns)."""
+    if site.param is not None and site.param is not site.weight:  # the local shard of a DTensor
+        w = weight_value(gm, site.param)
+        return wina_cutoffs_from_norms(column_norms(w), t).to(w.device)
     w = weight_value(gm, site.weight).detach()
     return wina_cutoffs(w if site.kind == "linear" else w.t(), t).to(w.device)
 

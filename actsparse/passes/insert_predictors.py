@@ -9,9 +9,15 @@ pass inserts
 The predictor's weights, cast to the MLP weights' device and dtype, become graph constants
 (``ctx.constants``) under ``key``, so Dynamo's graph needs nothing from the model: the one-line
 ``torch.compile(model, backend="sparse", options={"plan": plan})`` works as is.
+
+Under tensor parallelism (gate/up column-parallel, down row-parallel) every rank runs the whole
+predictor (it is low-rank: cheap) and keeps its slice of the neurons of the mask, so a top-k
+selection is the global top-k, exactly as unsharded.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -37,9 +43,24 @@ def _check(pname: str, spec: dict, s: Site, ctx: PassContext) -> None:
     if found != (spec["gate"], spec["up"]):
         raise PlanError(f"predictor for {pname!r} was made for gate/up {spec['gate']}, {spec['up']}; "
                         f"the graph's MLP has {found[0]}, {found[1]}")
-    if (gate.out_features, gate.in_features) != (spec["neurons"], spec["in_features"]):
+    if gate.plan_shape != (spec["neurons"], spec["in_features"]):
         raise PlanError(f"predictor for {pname!r} was made for an MLP of {spec['in_features']} inputs and "
-                        f"{spec['neurons']} neurons; the graph's gate is {gate.in_features} -> {gate.out_features}")
+                        f"{spec['neurons']} neurons; the graph's gate is {gate.plan_shape[1]} -> {gate.plan_shape[0]}")
+    layouts = [(x.shard.dim, x.shard.index, x.shard.degree) if x.shard else None for x in (gate, up, s)]
+    if any(layouts) and not (layouts[0] == layouts[1] and layouts[0] and layouts[0][0] == 0
+                             and layouts[2] == (1,) + layouts[0][1:]):
+        raise PlanError(f"predictor for {pname!r}: under tensor parallelism its MLP must be sharded as "
+                        "gate/up column-parallel and down row-parallel over the same ranks, so that each rank "
+                        "holds the same slice of the neurons")
+
+
+def _local_neurons(graph: fx.Graph, mask: fx.Node, gate: Site, neurons: int) -> fx.Node:
+    """Under tensor parallelism: the rank's slice of the predicted mask (the predictor runs in full
+    on every rank, so a top-k is the global one)."""
+    if gate.shard is None:
+        return mask
+    lo, hi = gate.shard.local_range(neurons)
+    return graph.call_function(operator.getitem, (mask, (Ellipsis, slice(lo, hi))))
 
 
 def insert_predictors(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -69,6 +90,7 @@ def insert_predictors(gm: fx.GraphModule, ctx: PassContext) -> None:
         with graph.inserting_before(s.node):
             mask = graph.call_function(predict_mask_op, (gate.input, key, int(spec["neurons"]), int(spec["keep"]),
                                                          float(spec["threshold"]), topk))
+            mask = _local_neurons(graph, mask, gate, int(spec["neurons"]))
             new = graph.call_function(predicted_mlp_op, (
                 gate.input, mask, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, hint))
         new.meta.update(s.node.meta)

@@ -2,6 +2,11 @@
 
 The ops declare those arguments themselves (``actsparse.ops.input_sparse_weights``); the
 backend re-stores the matching parameters input-major after the graph's first call.
+
+Not the shards of DTensor parameters (tensor parallelism: the ops read ``p.to_local()``, which
+is no placeholder): Dynamo does not guard on a shard's strides, so a shard re-stored after a
+graph was compiled would not recompile it; ``actsparse.distributed.shard`` stores them
+input-major before compiling.
 """
 
 from __future__ import annotations

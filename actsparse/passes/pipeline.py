@@ -1,9 +1,10 @@
 """The ordered pass pipeline the backend runs on each Dynamo graph.
 
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
-order: find the sites, check the plan against the graph's weights, route attention heads,
-rewrite CATS MLPs, input masks and learned predictors into actsparse ops, note which weights
-want input-major storage, and render the debug table.
+order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
+plan against the graph's weights, route attention heads, rewrite CATS MLPs, input masks and
+learned predictors into actsparse ops, note which weights want input-major storage, and render
+the debug table.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .insert_cats import insert_cats
 from .insert_head_routing import insert_head_routing
 from .insert_masks import insert_masks
 from .insert_predictors import insert_predictors
+from .localize_dtensor import localize_dtensor
 from .mark_layouts import mark_layouts
 
 
@@ -30,8 +32,8 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (find_sites, check_plan, insert_head_routing, insert_cats, insert_masks, insert_predictors, mark_layouts,
-          render_table)
+PASSES = (localize_dtensor, find_sites, check_plan, insert_head_routing, insert_cats, insert_masks,
+          insert_predictors, mark_layouts, render_table)
 
 
 def run_passes(gm: fx.GraphModule, plan: SparsityPlan) -> PassContext:
