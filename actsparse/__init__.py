@@ -4,11 +4,12 @@
     fast = torch.compile(model, backend="sparse", options={"plan": plan})
 """
 
+from . import distributed, models
 from .compiler import backend, prepare
 from .decode import greedy_decode
 from .plan import PlanError, SparsityPlan
 
-__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode"]
+__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode", "models", "distributed"]
 
 
 def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: float = 0.5, **kwargs):
