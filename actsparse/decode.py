@@ -13,6 +13,8 @@ tokens. Its output is the same as ``model.generate(..., do_sample=False)``.
 
 from __future__ import annotations
 
+import inspect
+
 import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -62,6 +64,16 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, device: torch
                          f"({type(model).__name__} does not: {e})") from e
     _CACHES[model] = (key, cache)
     return cache
+
+
+def _last_logits_only(model: torch.nn.Module) -> dict:
+    """``logits_to_keep=1`` where the model takes it: the prefill needs the last position's
+    logits only, and all of them (batch x length x vocabulary) can outweigh the model."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def release_cache(model: torch.nn.Module) -> None:
@@ -124,7 +136,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
     last = torch.full((b,), max_new_tokens - 1, dtype=torch.long, device=device)  # step a row stopped
     with torch.no_grad():
         logits = model(input_ids=input_ids, past_key_values=cache,
-                       cache_position=torch.arange(n, device=device)).logits
+                       cache_position=torch.arange(n, device=device), **_last_logits_only(model)).logits
         tok = logits[:, -1:].argmax(-1)
         pos = torch.tensor([n], device=device)
         for i in range(max_new_tokens):

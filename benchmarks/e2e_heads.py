@@ -12,6 +12,11 @@ graphs (the baseline, same run); head routing at KV-group density 1.0 (no head s
 replacing HF's repeat_kv + SDPA with the kernel alone changes) and 0.5; a 50% TEAL plan alone
 and with heads at 0.5 (batch 1). ``ideal_x`` is the bytes model: (weights + KV) over
 (weights read + the selected KV).
+
+``--loop generate`` times HF ``generate`` (static cache, ``compile_config`` with the same
+backend) and ``--loop greedy`` ``actsparse.greedy_decode`` instead: both prefill a real random
+prompt of the context's length (eagerly, dense, as they do), and the time of one token is
+subtracted from that of ``--new-tokens`` + 1, so the prefill drops out.
 """
 
 from __future__ import annotations
@@ -79,6 +84,30 @@ def decode_rate(model, backend, batch: int, context: int, new_tokens: int, repea
     return rates[len(rates) // 2]
 
 
+def loop_rate(loop: str, model, plan, backend, batch: int, context: int, new_tokens: int, repeats: int) -> float:
+    """Tokens/s of one variant in the chosen decode loop."""
+    if loop == "minimal":
+        return decode_rate(model, backend, batch, context, new_tokens, repeats)
+    from benchmarks.e2e import greedy_decode_rate
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda", generator=g)
+    if loop == "greedy":
+        from actsparse.decode import release_cache
+        try:
+            return greedy_decode_rate(model, backend, ids, new_tokens, repeats)
+        finally:
+            release_cache(model)
+    from transformers import CompileConfig
+
+    from benchmarks import decode
+    from benchmarks.decode import time_decode
+    decode._CACHES.clear()  # one cache per variant: a pair's long cache would otherwise stay
+    cfg = (CompileConfig(backend="inductor", mode="reduce-overhead", fullgraph=True) if plan is None else
+           CompileConfig(backend=backend, mode=None, fullgraph=True))
+    torch._dynamo.reset()
+    return time_decode(model, ids, new_tokens, repeats, compile_config=cfg)["tokens_per_s"]
+
+
 def plans(model, names, calib):
     import actsparse
     from actsparse.calibration.heads import random_head_routing
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="batch:context pairs to run (default: all)")
     p.add_argument("--variants", nargs="+", default=None, help="variants to run for every pair (default: the matrix's)")
     p.add_argument("--budget-s", type=float, default=520)
+    p.add_argument("--loop", choices=["minimal", "generate", "greedy"], default="minimal",
+                   help="the minimal loop on a directly filled cache, HF generate, or actsparse.greedy_decode")
     a = p.parse_args(argv)
     t_start = time.time()
     import actsparse
@@ -124,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     wb = weight_bytes(model)
     res = result(command_line("benchmarks.e2e_heads", argv), [], model=a.model, layers=cfg.num_hidden_layers,
-                 weight_bytes=wb, copy_bandwidth_TBps=bw / 1e12, new_tokens=a.new_tokens, loop="minimal")
+                 weight_bytes=wb, copy_bandwidth_TBps=bw / 1e12, new_tokens=a.new_tokens, loop=a.loop)
+    model.generation_config.pad_token_id = cfg.pad_token_id
     g = torch.Generator(device="cuda").manual_seed(0)
     calib = torch.randint(0, cfg.vocab_size, (1, 512), device="cuda", generator=g)
     matrix = MATRIX if a.only is None else {tuple(map(int, s.split(":"))): MATRIX.get(
@@ -151,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 actsparse.prepare(model, plan)
                 be = actsparse.backend(plan, cudagraphs=True)
             try:
-                rate = decode_rate(model, be, batch, ctx, a.new_tokens, a.repeats)
+                rate = loop_rate(a.loop, model, plan, be, batch, ctx, a.new_tokens, a.repeats)
             except Exception as e:  # noqa: BLE001 - record and go on: a run cut short keeps the rest
                 res.setdefault("errors", []).append(f"{name} batch {batch} context {ctx}: {type(e).__name__}: {e}")
                 log(f"ERROR {name} b={batch} ctx={ctx}: {type(e).__name__}: {e}")
@@ -160,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             dens = float(name.split("heads-")[1]) if "heads" in name else 1.0
             s_lin = 0.5 if "teal" in name else 0.0
             read = wb - s_lin * lin + dens * kv
-            row = dict(variant=name, batch=batch, context=ctx, head_density=dens, sparsity=s_lin, tok_s=rate,
+            row = dict(variant=name, loop=a.loop, batch=batch, context=ctx, head_density=dens, sparsity=s_lin, tok_s=rate,
                        kv_bytes=kv, kv_share=kv / (wb + kv), ideal_x=(wb + kv) / read, seconds=time.time() - t0)
             if plan is None:
                 dense_rate = rate
