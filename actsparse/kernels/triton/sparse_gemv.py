@@ -34,10 +34,18 @@ before the first weight load, the counter round trip and the last program's read
 last one); the benchmarks measure it. The batch kernels stream weights less efficiently than
 cuBLAS, so the cost model in ``actsparse.ops`` sends dense-union batches to the masked dense
 matmul instead.
+
+A second family, ``predicated_gemv`` (TEAL's scheme: predicated loads, no list, partial sums
+by relaxed atomics and a tiny finishing launch), has a smaller fixed cost; `launch_sparse_linear`
+times both once per shape, batch bucket and sparsity bucket and keeps the faster
+(`choose_family`; `forced_family` pins one).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -388,11 +396,16 @@ def launch_sparse_linear(
     out_dtype: Optional[torch.dtype] = None,
     config: Optional[dict] = None,
     channel_thresholds: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    family: Optional[str] = None,
 ) -> list[torch.Tensor]:
-    """Always the Triton kernel (no dense fallback). `config` pins a config (tests, interpreter).
+    """Always a Triton kernel (no dense fallback). `config` pins a config (tests, interpreter).
 
     `channel_thresholds[i]`, where given, is a 1-D fp32 tensor of K per-channel cutoffs that
     replaces the scalar `thresholds[i]` (still multiplied by `row_scale` per row).
+
+    `family`: "compact" (this module's kernel), "predicated" (``predicated_gemv``) or None:
+    the one `forced_family` names, else "compact" with a pinned config, else the faster of the
+    two for this shape, batch bucket and sparsity bucket (`choose_family`).
     """
     assert x.dim() == 2, "x must be [M, K]"
     num_out = len(weights)
@@ -442,23 +455,49 @@ def launch_sparse_linear(
     m_pad = rows_pad(M)
     ws = rt.zeroed_buffer("ws", M * n_total, torch.float32, dev)
     CT = pad([ct if ct is not None else ws for ct in cts], ws)  # ws: an unread fp32 placeholder
-    cnt = rt.zeroed_buffer("cnt", sum(triton.cdiv(n, MIN_BLOCK_N) for n in ns), torch.int32, dev)
-    scr = rt.scratch_buffer("idx", num_out * K, torch.int32, dev)
+    has_b = [num_out > i and bs[i] is not None for i in range(MAX_OUTPUTS)]
+    has_ct = [num_out > i and cts[i] is not None for i in range(MAX_OUTPUTS)]
+    key = [rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(dev)]
+    common = dict(x=x, rs=rs if rs is not None else ws, ws=ws, W=W, B=B, Y=Y, CT=CT, T=T, N=N, strides=strides,
+                  K=K, n_total=n_total, key=key, num_out=num_out, has_rs=rs is not None, has_b=has_b,
+                  has_ct=has_ct, dot_precision=rt.dot_precision(w_dtype))
 
-    args = [x, rs if rs is not None else ws, ws, cnt, scr, *W, *B, *Y, *CT, *T, *N, *strides,
-            x.stride(0), x.stride(1), M, K, n_total,
-            rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(dev)]
-    meta = dict(NUM_OUT=num_out,
-                HAS_B0=bs[0] is not None,
-                HAS_B1=num_out > 1 and bs[1] is not None,
-                HAS_B2=num_out > 2 and bs[2] is not None,
-                HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_dtype),
-                HAS_CT0=cts[0] is not None, HAS_CT1=num_out > 1 and cts[1] is not None,
-                HAS_CT2=num_out > 2 and cts[2] is not None)
+    fam = family or _family_of(config) or _FORCED_FAMILY
+    if fam is None:
+        fkey = (K, tuple(ns), *key, x.dtype, w_dtype, out_dtype, rs is not None, tuple(has_ct))
+        fam = choose_family(fkey, {f: (lambda f=f: _run_family(f, common, ns, M, m_pad, None)) for f in FAMILIES})
+    if fam not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
+    global _LAST_FAMILY
+    _LAST_FAMILY = fam
+    _run_family(fam, common, ns, M, m_pad, config)
+    return outs
+
+
+def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
+    if fam == "predicated":
+        from actsparse.kernels.triton import predicated_gemv
+
+        predicated_gemv.launch(common, ns, M, m_pad, config)
+    else:
+        _launch_compact(common, ns, M, m_pad, config)
+
+
+def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
+    c = common
+    dev = c["x"].device
+    cnt = rt.zeroed_buffer("cnt", sum(triton.cdiv(n, MIN_BLOCK_N) for n in ns), torch.int32, dev)
+    scr = rt.scratch_buffer("idx", c["num_out"] * c["K"], torch.int32, dev)
+    args = [c["x"], c["rs"], c["ws"], cnt, scr, *c["W"], *c["B"], *c["Y"], *c["CT"], *c["T"], *c["N"],
+            *c["strides"], c["x"].stride(0), c["x"].stride(1), M, c["K"], c["n_total"], *c["key"]]
+    has_b, has_ct = c["has_b"], c["has_ct"]
+    meta = dict(NUM_OUT=c["num_out"], HAS_B0=has_b[0], HAS_B1=has_b[1], HAS_B2=has_b[2],
+                HAS_ROW_SCALE=c["has_rs"], M_PAD=m_pad, DOT_PRECISION=c["dot_precision"],
+                HAS_CT0=has_ct[0], HAS_CT1=has_ct[1], HAS_CT2=has_ct[2])
 
     def grid(meta_):
         bn = meta_["BLOCK_N"]
-        return (sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(K, meta_["CHUNK"]))
+        return (sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(c["K"], meta_["CHUNK"]))
 
     if config is None and rt.interpreting():
         config = INTERPRET_CONFIG
@@ -470,7 +509,73 @@ def launch_sparse_linear(
         _LAST_COMPILED = _sparse_linear_kernel[grid(kw)](*args, **kw)
     else:
         _tuned_kernel(m_pad)[grid](*args, **meta)
-    return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# Family choice
+# ----------------------------------------------------------------------------------------------
+
+#: The kernel families a call can run: compacted index lists (this module) or predicated loads
+#: with a finishing launch (``predicated_gemv``).
+FAMILIES = ("compact", "predicated")
+_FORCED_FAMILY: Optional[str] = None
+_LAST_FAMILY: Optional[str] = None
+#: The family chosen per (K, outputs, batch bucket, sparsity bucket, device, dtypes, options).
+FAMILY_CHOICES: dict[tuple, str] = {}
+FAMILY_TIMES: dict[tuple, dict[str, float]] = {}
+
+
+@contextmanager
+def forced_family(family: Optional[str]):
+    """Run every call of the block with `family` (None: choose as usual); tests and benchmarks."""
+    global _FORCED_FAMILY
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    old, _FORCED_FAMILY = _FORCED_FAMILY, family
+    try:
+        yield
+    finally:
+        _FORCED_FAMILY = old
+
+
+def _family_of(config: Optional[dict]) -> Optional[str]:
+    """The family a pinned config belongs to (its tile parameters say it)."""
+    if config is None:
+        return None
+    return "predicated" if "TILES" in config else "compact"
+
+
+def last_family() -> Optional[str]:
+    """The family the last `launch_sparse_linear` call ran (benchmarks report it)."""
+    return _LAST_FAMILY
+
+
+def choose_family(key: tuple, runs: dict, bench=None) -> str:
+    """The family for `key`: timed once per process (each family autotuned first, then its whole
+    launch timed as the decode step runs it), then remembered.
+
+    The interpreter, and a first call made during CUDA-graph capture (nothing can be timed
+    there), take "compact" without remembering it.
+    """
+    if key in FAMILY_CHOICES:
+        return FAMILY_CHOICES[key]
+    if bench is None:
+        if rt.interpreting() or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+            return "compact"
+        bench = rt.autotune_bench
+    times = {}
+    for f, fn in runs.items():
+        try:
+            times[f] = float(bench(fn))
+        except Exception as e:  # noqa: BLE001 - a family that fails to build or run is not chosen
+            warnings.warn(f"actsparse: the {f} sparse GEMV failed for {key}, not used there: {e}", stacklevel=2)
+            times[f] = math.inf
+    choice = min(times, key=times.get)
+    if math.isinf(times[choice]):
+        choice = "compact"
+    FAMILY_CHOICES[key] = choice
+    FAMILY_TIMES[key] = times
+    return choice
 
 
 def reserve_buffers(device: torch.device, k: int, ns: Sequence[int], max_rows: int = rt.MAX_ROWS) -> None:

@@ -1,0 +1,201 @@
+"""The predicated sparse GEMV family (``predicated_gemv``) against the ops' pure-torch reference,
+in Triton's CPU interpreter, and the per-key choice between it and the compacting kernel.
+
+Odd shapes (tails in K and N, several K splits so the atomics and the finishing launch's
+workspace reset are exercised), fp32/bf16/fp16, 1 and 2..16 rows, all-zero and all-active
+inputs, biases, row scales, per-channel thresholds, 1 and 3 outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from actsparse.kernels.triton import predicated_gemv as pg  # noqa: E402
+from actsparse.kernels.triton import sparse_gemv as sg  # noqa: E402
+from actsparse.ops.reference import sparse_linear_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="these tests run the Triton interpreter on CPU tensors")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+CONFIGS = [  # interpreter-sized: several unrolled tiles, one tile, one program over all of K
+    dict(BLOCK_K=16, BLOCK_N=32, TILES=2, num_warps=4),
+    dict(BLOCK_K=16, BLOCK_N=16, TILES=1, num_warps=4),
+    dict(BLOCK_K=16, BLOCK_N=16, TILES=3, num_warps=4, W_EVICT="evict_first"),
+    dict(BLOCK_K=32, BLOCK_N=64, TILES=8, num_warps=4),  # one split covers K
+]
+M1_CONFIG = dict(BLOCK_K=8, BLOCK_N=16, TILES=1, num_warps=2)  # single rows only (no tl.dot)
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    scale = float(ref.float().abs().max()) + 1e-6
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * EPS[dtype], atol=2 * EPS[dtype] * scale)
+
+
+def cutoff(x, sparsity):
+    if sparsity <= 0:
+        return -1.0  # every channel active, zeros included
+    if sparsity >= 1:
+        return 1e30
+    return float(torch.quantile(x.abs().float().flatten(), sparsity))
+
+
+def case(M, K, ns, dtype, seed, sparsity=0.5, bias=True, row_scale=False, config=None, x=None, cts=None):
+    g = torch.Generator().manual_seed(seed)
+    if x is None:
+        x = torch.randn(M, K, generator=g).to(dtype)
+    ws = [torch.randn(n, K, generator=g).to(dtype) / 4 for n in ns]
+    ws = [w.t().contiguous().t() if i % 2 == 0 else w for i, w in enumerate(ws)]  # both layouts
+    bs = [(torch.randn(n, generator=g).to(dtype) if bias and i != 1 else None) for i, n in enumerate(ns)]
+    ths = [cutoff(x, sparsity) * (1 + 0.1 * i) for i in range(len(ns))]
+    rs = (torch.rand(M, generator=g) + 0.5) if row_scale else None
+    out = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=config, family="predicated",
+                                  channel_thresholds=cts)
+    assert sg.last_family() == "predicated"
+    ref = sparse_linear_reference(x, ws, bs, [t if c is None else c for t, c in
+                                              zip(ths, cts or [None] * len(ns))], scale=rs)
+    for o, r in zip(out, ref):
+        assert_close(o, r, dtype)
+    return out, ref, bs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+def test_predicated_grid(dtype, M):
+    i = DTYPES.index(dtype) * 5 + M
+    case(M, [17, 40, 72, 136][i % 4], [24] if i % 3 else [56, 24, 8], dtype, seed=i,
+         sparsity=[0.0, 0.5, 0.9][i % 3], bias=i % 2 == 0, row_scale=i % 5 < 3, config=CONFIGS[i % len(CONFIGS)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS + [M1_CONFIG], ids=lambda c: f"k{c['BLOCK_K']}n{c['BLOCK_N']}t{c['TILES']}")
+def test_batch_one_odd_shapes(dtype, config):
+    case(1, 53, [37, 13, 29], dtype, seed=3, sparsity=0.6, row_scale=True, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 3])
+def test_all_zero_input_gives_bias(dtype, M):
+    x = torch.zeros(M, 40, dtype=dtype)
+    out, _, bs = case(M, 40, [24, 8], dtype, seed=1, sparsity=0.5, x=x)
+    torch.testing.assert_close(out[0], bs[0].expand(M, -1))
+    assert torch.count_nonzero(out[1]) == 0  # no bias on the second output
+    out, _, _ = case(M, 40, [24, 8], dtype, seed=2, sparsity=1.0)  # threshold above every |x|
+    assert torch.count_nonzero(out[1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 4])
+def test_all_active_input_is_dense(dtype, M):
+    """Threshold below every |x|: the dense product."""
+    out, _, bs = case(M, 72, [40], dtype, seed=4, sparsity=0.0, config=CONFIGS[0])
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, 72, generator=g).to(dtype)
+    w = torch.randn(40, 72, generator=g).to(dtype) / 4
+    assert_close(out[0], torch.nn.functional.linear(x.float(), w.float(), bs[0].float()).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_channel_thresholds(M):
+    g = torch.Generator().manual_seed(9)
+    ct0 = torch.rand(72, generator=g) * 1.5
+    ct0[::7] = 0.0
+    cts = [ct0, None, torch.full((72,), 1e30)]
+    out, _, _ = case(M, 72, [56, 24, 40], torch.bfloat16, seed=9, bias=False, row_scale=M > 1, config=CONFIGS[0],
+                     cts=cts)
+    assert torch.count_nonzero(out[2]) == 0
+
+
+def test_repeated_calls_and_families_share_a_clean_workspace():
+    """The finishing launch re-zeroes the workspace the compacting kernel also uses."""
+    a = case(4, 72, [56, 24], torch.float32, seed=6, config=CONFIGS[1])[0]
+    x = torch.randn(3, 40)
+    w = torch.randn(24, 40)
+    (y,) = sg.launch_sparse_linear(x, [w], [None], [0.5], family="compact")
+    assert sg.last_family() == "compact"
+    assert_close(y, sparse_linear_reference(x, [w], [None], [0.5])[0], torch.float32)
+    b = case(4, 72, [56, 24], torch.float32, seed=6, config=CONFIGS[1])[0]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_forced_family_reaches_the_op():
+    """The op-level path (dispatch forced to Triton) runs the family `forced_family` names."""
+    from actsparse.ops import dispatch
+    from actsparse.ops.sparse_linear import sparse_linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 1, 40, generator=g, dtype=torch.bfloat16)
+    ws = [torch.randn(24, 40, generator=g, dtype=torch.bfloat16).t().contiguous().t()]
+    with dispatch.forced("triton"), sg.forced_family("predicated"):
+        (y,) = sparse_linear(x, ws, [None], [0.4], False, 0.5)
+    assert sg.last_family() == "predicated"
+    (ref,) = sparse_linear_reference(x, ws, [None], [0.4])
+    assert_close(y, ref, torch.bfloat16)
+
+
+def test_pinned_config_picks_its_family():
+    x = torch.randn(1, 40)
+    w = torch.randn(24, 40)
+    with sg.forced_family("predicated"):
+        sg.launch_sparse_linear(x, [w], [None], [0.5], config=dict(COMPACT=True, CHUNK=32, BLOCK_K=16, BLOCK_N=32))
+        assert sg.last_family() == "compact"
+        sg.launch_sparse_linear(x, [w], [None], [0.5])
+        assert sg.last_family() == "predicated"
+
+
+def test_invalid_family_and_config_rejected():
+    x = torch.randn(2, 40)
+    w = torch.randn(24, 40)
+    with pytest.raises(ValueError, match="family"):
+        sg.launch_sparse_linear(x, [w], [None], [0.5], family="teal")
+    with pytest.raises(ValueError, match="family"):
+        with sg.forced_family("dense"):
+            pass
+    with pytest.raises(ValueError, match="BLOCK_K >= 16"):
+        sg.launch_sparse_linear(x, [w], [None], [0.5], config=dict(M1_CONFIG))
+
+
+def test_choose_family_times_once_and_skips_failures(monkeypatch):
+    monkeypatch.setattr(sg, "FAMILY_CHOICES", {})
+    monkeypatch.setattr(sg, "FAMILY_TIMES", {})
+    calls = []
+
+    def bench(fn):
+        calls.append(fn)
+        return fn()
+
+    def broken():
+        raise RuntimeError("no build")
+
+    assert sg.choose_family(("k", 1), {"compact": lambda: 2.0, "predicated": lambda: 1.0}, bench) == "predicated"
+    assert sg.choose_family(("k", 1), {"compact": lambda: 0.0, "predicated": lambda: 9.0}, bench) == "predicated"
+    assert len(calls) == 2  # remembered per key
+    with pytest.warns(UserWarning, match="predicated"):
+        assert sg.choose_family(("k", 2), {"compact": lambda: 2.0, "predicated": broken}, bench) == "compact"
+    assert math.isinf(sg.FAMILY_TIMES[("k", 2)]["predicated"])
+    # no timing in the interpreter: the compacting kernel, not remembered
+    assert sg.choose_family(("k", 3), {"compact": lambda: 2.0, "predicated": lambda: 1.0}) == "compact"
+    assert ("k", 3) not in sg.FAMILY_CHOICES
+
+
+def test_configs_are_well_formed():
+    for c in pg.CONFIGS_M1 + pg.CONFIGS_DOT:
+        assert {"BLOCK_K", "BLOCK_N", "TILES", "W_EVICT"} <= set(c.kwargs)
+        assert c.kwargs["BLOCK_N"] >= 16
+    for c in pg.CONFIGS_DOT:
+        pg.check_config(c.kwargs, 16)  # tl.dot needs 16 channels per tile
+    kept = pg._prune(pg.CONFIGS_M1, {"K": 40, "N_TOTAL": 24})
+    assert kept and all(c.kwargs["BLOCK_K"] * c.kwargs["TILES"] <= 80 for c in kept)
+    pg._tuned_kernel(1)  # the autotuner checks that every key names a kernel argument
+    pg._tuned_kernel(16)
