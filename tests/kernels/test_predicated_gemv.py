@@ -199,3 +199,28 @@ def test_configs_are_well_formed():
     assert kept and all(c.kwargs["BLOCK_K"] * c.kwargs["TILES"] <= 80 for c in kept)
     pg._tuned_kernel(1)  # the autotuner checks that every key names a kernel argument
     pg._tuned_kernel(16)
+
+
+def test_launch_chooses_the_faster_family_per_key(monkeypatch):
+    """Without a pinned family the launcher times both (here a fake clock that makes the
+    predicated family faster), runs the winner and remembers it for the key."""
+    monkeypatch.setattr(sg, "FAMILY_CHOICES", {})
+    monkeypatch.setattr(sg, "FAMILY_TIMES", {})
+    monkeypatch.setattr(sg, "_can_time", lambda: True)
+    clock = iter([2.0, 1.0])
+
+    def bench(fn):
+        fn()  # the family really runs (in the interpreter)
+        return next(clock)
+
+    monkeypatch.setattr(sg.rt, "autotune_bench", bench)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 40, generator=g)
+    w = torch.randn(24, 40, generator=g)
+    (y,) = sg.launch_sparse_linear(x, [w], [None], [0.5], sparsity_hint=0.5)
+    assert sg.last_family() == "predicated"
+    assert sg.last_family_times() == {"compact": 2.0, "predicated": 1.0}
+    assert_close(y, sparse_linear_reference(x, [w], [None], [0.5])[0], torch.float32)
+    (y2,) = sg.launch_sparse_linear(x, [w], [None], [0.5], sparsity_hint=0.5)  # remembered: no timing
+    assert sg.last_family() == "predicated"
+    torch.testing.assert_close(y, y2)

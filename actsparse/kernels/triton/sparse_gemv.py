@@ -463,13 +463,14 @@ def launch_sparse_linear(
                   has_ct=has_ct, dot_precision=rt.dot_precision(w_dtype))
 
     fam = family or _family_of(config) or _FORCED_FAMILY
+    fkey = None
     if fam is None:
         fkey = (K, tuple(ns), *key, x.dtype, w_dtype, out_dtype, rs is not None, tuple(has_ct))
         fam = choose_family(fkey, {f: (lambda f=f: _run_family(f, common, ns, M, m_pad, None)) for f in FAMILIES})
     if fam not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
-    global _LAST_FAMILY
-    _LAST_FAMILY = fam
+    global _LAST_FAMILY, _LAST_KEY
+    _LAST_FAMILY, _LAST_KEY = fam, fkey
     _run_family(fam, common, ns, M, m_pad, config)
     return outs
 
@@ -520,6 +521,7 @@ def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config:
 FAMILIES = ("compact", "predicated")
 _FORCED_FAMILY: Optional[str] = None
 _LAST_FAMILY: Optional[str] = None
+_LAST_KEY: Optional[tuple] = None
 #: The family chosen per (K, outputs, batch bucket, sparsity bucket, device, dtypes, options).
 FAMILY_CHOICES: dict[tuple, str] = {}
 FAMILY_TIMES: dict[tuple, dict[str, float]] = {}
@@ -550,6 +552,16 @@ def last_family() -> Optional[str]:
     return _LAST_FAMILY
 
 
+def last_family_times() -> Optional[dict]:
+    """Milliseconds per call of each family as timed when the last call's family was chosen
+    (None: the family was forced or pinned, or chosen without timing)."""
+    return dict(FAMILY_TIMES[_LAST_KEY]) if _LAST_KEY in FAMILY_TIMES else None
+
+
+def _can_time() -> bool:
+    return not rt.interpreting() and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+
 def choose_family(key: tuple, runs: dict, bench=None) -> str:
     """The family for `key`: timed once per process (each family autotuned first, then its whole
     launch timed as the decode step runs it), then remembered.
@@ -560,7 +572,7 @@ def choose_family(key: tuple, runs: dict, bench=None) -> str:
     if key in FAMILY_CHOICES:
         return FAMILY_CHOICES[key]
     if bench is None:
-        if rt.interpreting() or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        if not _can_time():
             return "compact"
         bench = rt.autotune_bench
     times = {}
