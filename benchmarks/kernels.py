@@ -57,6 +57,9 @@ def _short(cfg) -> str:
     if cfg is None:
         return "-"
     kw = cfg.kwargs
+    if "TILES" in kw:  # the predicated family: t(iles) BLOCK_K x TILES / BLOCK_N, e: evict-first weights
+        return (f"t{kw['BLOCK_K']}x{kw['TILES']}/{kw['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
+                + ("e" if kw.get("W_EVICT") else ""))
     if "CHUNK" in kw:
         return (f"{'c' if kw['COMPACT'] else 'p'}{kw['CHUNK']}/{kw['BLOCK_K']}/{kw['BLOCK_N']}"
                 f"w{cfg.num_warps}s{cfg.num_stages}" + ("" if kw.get("PREFETCH", True) or not kw["COMPACT"] else "n"))
@@ -69,6 +72,7 @@ def union_density(xs, t) -> float:
 
 def bench_linear(rows, name, K, N, batches, sparsities, device_model, log, deadline):
     from actsparse.ops import cost_model
+    from actsparse.kernels.triton import predicated_gemv as pg
     from actsparse.kernels.triton import sparse_gemv as sg
 
     torch.manual_seed(0)
@@ -94,6 +98,7 @@ def bench_linear(rows, name, K, N, batches, sparsities, device_model, log, deadl
             y = sg.launch_sparse_linear(xs[0], [w_im], [None], [t], sparsity_hint=s)[0]
             ref = masked_ref(xs[0].float(), t) @ w32.t()
             err = rel_err(y, ref)
+            family, family_ms = sg.last_family(), sg.last_family_times()
             dense_err = rel_err(F.linear(masked_ref(xs[0], t), w), ref)
             tuner = sg._tuned_kernel(sg.rows_pad(M))
             cfg = tuner.best_config
@@ -108,6 +113,14 @@ def bench_linear(rows, name, K, N, batches, sparsities, device_model, log, deadl
             torch.cuda.synchronize()
             err_graph = rel_err(outs[0], ref)  # after many replays: workspace self-cleaning holds
             del g, outs
+            with sg.forced_family("predicated"):  # the predicated family alone, autotuned within itself
+                err_pred = rel_err(sg.launch_sparse_linear(xs[0], [w_im], [None], [t], sparsity_hint=s)[0], ref)
+                t_pred = bench_calls([lambda i=i: sg.launch_sparse_linear(x_of(i), [wi[i % n_copies]], [None], [t],
+                                                                          sparsity_hint=s)[0] for i in range(calls)])
+            with sg.forced_family("compact"):
+                t_compact = bench_calls([lambda i=i: sg.launch_sparse_linear(
+                    x_of(i), [wi[i % n_copies]], [None], [t], sparsity_hint=s)[0] for i in range(calls)])
+            pred_cfg = pg._tuned_kernel(sg.rows_pad(M)).best_config
             t_teal = None
             if M == 1:
                 t_teal = bench_calls([lambda i=i: sg.launch_sparse_linear(x_of(i), [wi[i % n_copies]], [None], [t],
@@ -118,6 +131,9 @@ def bench_linear(rows, name, K, N, batches, sparsities, device_model, log, deadl
                        union_independent=cost_model.union(M, s),
                        rel_err=err, rel_err_graph=err_graph, dense_bf16_rel_err=dense_err,
                        dense_us=t_dense, fallback_us=t_fallback, sparse_us=t_sparse, teal_like_us=t_teal,
+                       family=family, family_times_ms=family_ms, compact_us=t_compact, predicated_us=t_pred,
+                       predicated_rel_err=err_pred, predicated_config=_short(pred_cfg),
+                       compact_x=t_dense / t_compact, predicated_x=t_dense / t_pred,
                        speedup=t_dense / t_sparse, ideal=1.0 / max(1.0 - s, 1e-9),
                        ideal_union=1.0 / max(u, 1e-9),
                        pred_speedup=pred["speedup"], pred_sparse_us=pred["sparse_s"] * 1e6,
@@ -130,7 +146,9 @@ def bench_linear(rows, name, K, N, batches, sparsities, device_model, log, deadl
             log(f"{name:22s} M={M:2d} s={s:.2f} dense {t_dense:7.1f}us sparse {t_sparse:7.1f}us "
                 f"x{row['speedup']:5.2f} (ideal {row['ideal_union']:5.2f}, pred {pred['speedup']:5.2f}"
                 + (f", teal-like x{t_dense / t_teal:5.2f}" if t_teal else "")
-                + f") err {err:.1e} graph {err_graph:.1e} dense-bf16 {dense_err:.1e} {_short(cfg)}")
+                + f") err {err:.1e} graph {err_graph:.1e} dense-bf16 {dense_err:.1e} {family}: "
+                f"compact x{t_dense / t_compact:5.2f} {_short(cfg)}, predicated x{t_dense / t_pred:5.2f} "
+                f"{_short(pred_cfg)} (err {err_pred:.1e})")
             if M == 1 or s in (0.0, 0.9):
                 log("    tuning: " + " ".join(f"{k}={v}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
     del wr, wi
@@ -233,15 +251,26 @@ def gpu_selfcheck(log) -> list:
                 case(torch.bfloat16, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=True)
             if i == 0:
                 case(torch.bfloat16, m_list[-1], 40, [24], as_dict(c), row_scale=False)
+    from actsparse.kernels.triton import predicated_gemv as pg
+
+    for m_list, configs in (([1], pg.CONFIGS_M1), ([2, 3, 5, 16], pg.CONFIGS_DOT)):  # the predicated family
+        for i, c in enumerate(configs):
+            for M in m_list:
+                case(torch.bfloat16, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=True)
+            if i == 0:
+                case(torch.bfloat16, m_list[-1], 40, [24], as_dict(c), row_scale=False)
     for dtype in (torch.float16, torch.float32):
-        for M, c in ((1, sg.CONFIGS_M1[0]), (3, sg.CONFIGS_DOT[0]), (16, sg.CONFIGS_DOT[-1])):
+        for M, c in ((1, sg.CONFIGS_M1[0]), (3, sg.CONFIGS_DOT[0]), (16, sg.CONFIGS_DOT[-1]),
+                     (1, pg.CONFIGS_M1[0]), (5, pg.CONFIGS_DOT[0])):
             case(dtype, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=True)
-    for M, c in ((1, sg.CONFIGS_M1[0]), (1, sg.CONFIGS_M1[-1]), (5, sg.CONFIGS_DOT[0])):
+    for M, c in ((1, sg.CONFIGS_M1[0]), (1, sg.CONFIGS_M1[-1]), (5, sg.CONFIGS_DOT[0]), (1, pg.CONFIGS_M1[1]),
+                 (5, pg.CONFIGS_DOT[1])):
         case(torch.bfloat16, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=M > 1, channel=True)
     # determinism: the same batch case five times; a race shows as differing outputs
     x = torch.randn(5, 4104, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(4096, 4104, device="cuda", generator=g) / 8).to(torch.bfloat16).t().contiguous().t()
-    for c, xx in ((sg.CONFIGS_DOT[0], x), (sg.CONFIGS_DOT[1], x[:3]), (sg.CONFIGS_M1[0], x[:1])):
+    for c, xx in ((sg.CONFIGS_DOT[0], x), (sg.CONFIGS_DOT[1], x[:3]), (sg.CONFIGS_M1[0], x[:1]),
+                  (pg.CONFIGS_DOT[0], x), (pg.CONFIGS_M1[0], x[:1])):
         ys = [sg.launch_sparse_linear(xx, [w], [None], [0.5], config=as_dict(c))[0] for _ in range(5)]
         ref = masked_ref(xx.float(), 0.5) @ w.float().t()
         distinct = len({bytes(y.view(torch.int16).cpu().numpy().tobytes()) for y in ys})
@@ -382,6 +411,17 @@ def markdown(result) -> str:
             cells.append("-" if r is None else f"**{r['speedup']:.2f}** / {teal if teal else '-'} / {r['ideal']:.2f}")
         d = next(iter(rs.values()))["dense_us"]
         lines.append(f"| {name} | {d:.1f} | " + " | ".join(cells) + " |")
+    fam = [r for r in lin if r.get("predicated_us")]
+    if fam:
+        lines += ["", "## Kernel families: speedup of each alone and the per-key choice", "",
+                  "compact: index lists (`sparse_gemv`); predicated: TEAL-style loads with a finishing launch "
+                  "(`predicated_gemv`); each autotuned within itself. `chosen`: the family the launcher picked "
+                  "for the key (shape, batch bucket, sparsity bucket).", "",
+                  "| shape | M | s | compact | predicated | chosen | autotuned | ideal |", "|---|---|---|---|---|---|---|---|"]
+        for r in fam:
+            lines.append(f"| {r['shape']} | {r['M']} | {int(r['sparsity'] * 100)}% | {r['compact_x']:.2f} "
+                         f"({r.get('config', '-')}) | {r['predicated_x']:.2f} ({r.get('predicated_config', '-')}) | "
+                         f"{r.get('family')} | {r['speedup']:.2f} | {r['ideal_union']:.2f} |")
     bad = [r for r in lin + result.get("cats", []) if _bad(r)]
     lines += ["", "## Batches: speedup (measured union density in brackets)", "",
               f"WRONG marks outputs with relative error above {ERR_OK:g} ({len(bad)} points"

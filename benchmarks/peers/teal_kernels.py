@@ -1,12 +1,15 @@
 """Our batch-1 sparse GEMV beside TEAL's kernel, on one GPU, in one harness.
 
-    python -m benchmarks.peers.teal_kernels --teal .peer/teal --out $OUT/kernels_teal_h200.json
+    python -m benchmarks.peers.teal_kernels --teal .peer/teal --shim .peer/shim --families compact predicated \
+        --out $OUT/kernels_teal_h200.json
 
 Llama-3-8B shapes, sparsity 0-90%: cuBLAS (bf16 and fp16, row-major weight), ours (bf16 and
 fp16, input-major weight, our autotuner) and TEAL's ``splitk_sparse_gemv`` (fp16 only, its own
 autotuner retuned for every shape and sparsity; and, with --teal-best, the fastest of its
-configs timed in this harness). Every variant is one CUDA graph of back-to-back calls rotating
-over 4 input sets and weight copies that miss L2 (``benchmarks.harness``); the time is the
+configs timed in this harness). With --families, each of our kernel families alone (the
+compacting kernel and the predicated one, each autotuned within itself) beside the per-key choice
+between them (``ours_family``, with the times it was made on). Every variant is one CUDA graph
+of back-to-back calls rotating over 4 input sets and weight copies that miss L2 (``benchmarks.harness``); the time is the
 median replay over the calls. Correctness first: each variant's relative error against an fp32
 reference on the same masked input. Speedups are over cuBLAS in the same dtype; ``ideal_x`` is
 1 / (1 - s).
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sparsities", nargs="+", type=float, default=SPARSITIES)
     p.add_argument("--max-seconds", type=float, default=400)
+    p.add_argument("--families", nargs="*", default=None, choices=["compact", "predicated"],
+                   help="also time each of our kernel families alone (columns <family>_us, <family>_x)")
     a = p.parse_args(argv)
     from actsparse.kernels.triton import sparse_gemv as sg
 
@@ -110,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
                 xh[i % N_SETS], [whi[i % nc]], [None], [t], sparsity_hint=s)[0] for i in range(calls)])
             row["ours_x"] = dense_b / row["ours_us"]
             row["ours_fp16_x"] = dense_h / row["ours_fp16_us"]
+            sg.launch_sparse_linear(xb[0], [wbi[0]], [None], [t], sparsity_hint=s)
+            row["ours_family"], row["family_times_ms"] = sg.last_family(), sg.last_family_times()
+            for fam in (a.families or []):  # each family alone, autotuned within itself
+                with sg.forced_family(fam):
+                    row[f"{fam}_err"] = rel_err(sg.launch_sparse_linear(xb[0], [wbi[0]], [None], [t],
+                                                                        sparsity_hint=s)[0], ref_b)
+                    row[f"{fam}_us"] = bench_calls([lambda i=i: sg.launch_sparse_linear(
+                        xb[i % N_SETS], [wbi[i % nc]], [None], [t], sparsity_hint=s)[0] for i in range(calls)])
+                    row[f"{fam}_fp16_us"] = bench_calls([lambda i=i: sg.launch_sparse_linear(
+                        xh[i % N_SETS], [whi[i % nc]], [None], [t], sparsity_hint=s)[0] for i in range(calls)])
+                row[f"{fam}_x"] = dense_b / row[f"{fam}_us"]
+                row[f"{fam}_fp16_x"] = dense_h / row[f"{fam}_fp16_us"]
             if teal is not None:
                 teal.splitk_sparse_gemv_kernel.cache.clear()  # retune TEAL for this sparsity
                 row["teal_err"] = rel_err(teal.splitk_sparse_gemv(xh3[0], whi[0], t, 0), ref_h)
@@ -123,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             row["tok_s"], row["vs_dense"] = None, row["ours_x"]
             res["rows"].append(row)
             write_json(a.out, res)
-            log(f"  s={s:.2f} ours {row['ours_us']:6.1f}us x{row['ours_x']:.2f} (fp16 x{row['ours_fp16_x']:.2f})"
+            log(f"  s={s:.2f} ours {row['ours_us']:6.1f}us x{row['ours_x']:.2f} (fp16 x{row['ours_fp16_x']:.2f}, "
+                f"{row['ours_family']})"
+                + "".join(f" | {f} x{row[f + '_x']:.2f}" for f in (a.families or []))
                 + (f" | teal x{row['teal_x']:.2f}" + (f" best x{row['teal_best_x']:.2f}" if 'teal_best_x' in row else "")
                    if teal is not None else "")
                 + f" | ideal {row['ideal_x']:.2f} | err {row['ours_err']:.1e}")
