@@ -5,7 +5,9 @@ machine; speed depends on shapes, not values), thresholds calibrated on that mod
 target sparsity, HF ``generate`` with a static cache and ``compile_config`` (CUDA graphs for
 both variants). First a correctness check on a small model of the same widths: compiled
 sparse logits against the eager masked reference. Rows are written to the JSON as they
-finish, so a run cut short keeps what it measured.
+finish, so a run cut short keeps what it measured. Each row carries ``tok_s``, ``vs_dense`` and
+``limit_tok_s``: the weight-bandwidth limit at that sparsity (``benchmarks.weight_limit``), so
+every figure says how far it is from the ideal (``frac_of_limit``).
 
     python -m benchmarks.e2e --out benchmarks/results/e2e_h100.json
 """
@@ -28,13 +30,15 @@ def calibrate_on_tokens(model, ids: torch.Tensor, sparsity: float):
 
     names = decoder_linears(model)
     got: dict[str, torch.Tensor] = {}
+    frac: dict[str, float] = {}
 
     def hook(name):
         def h(mod, args):
             x = args[0].detach().abs().float().flatten()
             if x.numel() > 4_000_000:
                 x = x[torch.randperm(x.numel(), device=x.device)[:4_000_000]]
-            got[name] = torch.quantile(x, sparsity)
+            got[name] = q = torch.quantile(x, sparsity)
+            frac[name] = float((x <= q).float().mean())
         return h
 
     hs = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -47,6 +51,7 @@ def calibrate_on_tokens(model, ids: torch.Tensor, sparsity: float):
     plan = actsparse.SparsityPlan.from_thresholds(
         model, {n: float(t) for n, t in got.items()}, method="teal-uniform", target=sparsity)
     plan.overall_sparsity = sparsity
+    plan.measured.update(frac)  # each input's sparsity on the calibration tokens
     plan.info["calibration"] = f"{ids.numel()} random tokens through the same random-weight model"
     return plan
 
@@ -181,12 +186,13 @@ def main(argv=None) -> int:
     import actsparse
     from benchmarks.decode import time_decode, weight_bytes
     from benchmarks.harness import copy_bandwidth
+    from benchmarks.weight_limit import bytes_per_step, gemv_bandwidth, limit_tok_s
     from actsparse.models import shaped
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {"command": "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "model": args.model, "dtype": "bfloat16", "new_tokens": args.new_tokens, "rows": []}
 
     def save():
@@ -200,6 +206,10 @@ def main(argv=None) -> int:
     model.generation_config.pad_token_id = model.config.pad_token_id
     res["weight_bytes"] = wb = weight_bytes(model)
     res["copy_bandwidth_Bps"] = bw = copy_bandwidth(1 << 30)
+    res["gemv_bandwidth_Bps"] = gemv_bw = gemv_bandwidth()
+    res["limit"] = ("limit_tok_s: batch x GEMV bandwidth (cuBLAS, batch 1, bytes read/s) / weight bytes a step "
+                    "reads at the plan's calibrated per-layer sparsity (union 1 - s^B over the batch; all of a "
+                    "layer the backend runs dense); limit_copy_tok_s: the same over the copy bandwidth")
     g = torch.Generator(device="cuda").manual_seed(0)
     calib = torch.randint(0, 128000, (1, 512), device="cuda", generator=g)
     plans = {s: calibrate_on_tokens(model, calib, s) for s in args.sparsity}
@@ -228,18 +238,24 @@ def main(argv=None) -> int:
                 r = time_decode(model, ids, args.new_tokens, args.repeats, compile_config=cfg)
             r.pop("tokens", None)
             r["loop"] = args.loop
+            step_bytes = bytes_per_step(model, plan, batch)
             r.update(variant=name, batch=batch, seconds=time.time() - t0,
-                     roofline_tokens_per_s=bw / wb * batch)
+                     roofline_tokens_per_s=bw / wb * batch, sparsity=plan.target if plan is not None else 0.0,
+                     tok_s=r["tokens_per_s"], weight_bytes_per_token=step_bytes / batch,
+                     limit_tok_s=limit_tok_s(step_bytes, gemv_bw, batch),
+                     limit_copy_tok_s=limit_tok_s(step_bytes, bw, batch))
+            r["frac_of_limit"] = r["tok_s"] / r["limit_tok_s"]
             if plan is None:
                 dense_rate = r["tokens_per_s"]
             else:
                 r["target_sparsity"] = plan.target
             if dense_rate:
-                r["speedup"] = r["tokens_per_s"] / dense_rate
+                r["speedup"] = r["vs_dense"] = r["tokens_per_s"] / dense_rate
             res["rows"].append(r)
             save()
             print(f"batch {batch} {name:>11}: {r['tokens_per_s']:8.1f} tok/s  x{r.get('speedup', 1):.2f}"
-                  f"  roofline {bw / wb * batch:.0f}  ({r['seconds']:.0f}s)", flush=True)
+                  f"  limit {r['limit_tok_s']:.0f} tok/s ({r['frac_of_limit']:.2f} of it)"
+                  f"  ({r['seconds']:.0f}s)", flush=True)
     save()
     return 0
 
