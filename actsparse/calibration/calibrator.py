@@ -20,6 +20,7 @@ import torch
 from ..plan import SparsityPlan, fingerprint
 from .data import token_batches
 from .heads import add_head_routing
+from .lm_head import add_lm_head_sparsity
 from .method import METHODS, CalibrationError, check_options, get_method
 from .sites import masked_sites, overall_sparsity, trace_sites
 from .statistics import KINDS, Statistics, collect_statistics
@@ -82,7 +83,7 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
               tokenizer=None, *, token_budget: int = 16384, batch_size: int = 4, seq_len: int = 512,
               progress: bool = True, seed: int = 0, source: str | None = None, greedy_step: float = 0.02,
               greedy_tokens: int = 256, cett_tokens: int = 256, head_density: float | None = None,
-              head_tokens: int = 8192, **options: Any) -> SparsityPlan:
+              head_tokens: int = 8192, lm_head_sparsity: float | None = None, **options: Any) -> SparsityPlan:
     """Calibrate a SparsityPlan for ``model`` on ``tokens_or_texts`` with a registered method.
 
     ``options`` are the method's own (``wina=True`` for teal / teal-greedy, ``error_budget`` for
@@ -94,6 +95,9 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
     ``head_density`` adds trained head routers (``calibration.heads``) to the plan of any
     method: a mean fraction of attention units kept per token, on ``head_tokens`` tokens. For a
     method whose target is the head sparsity (``polar``) it sets that target.
+
+    ``lm_head_sparsity`` (off by default) also masks the output head's input at that sparsity
+    (``calibration.lm_head``).
     """
     m = get_method(method)
     options = {k: v for k, v in options.items() if v is not None and v is not False}
@@ -109,4 +113,7 @@ def calibrate(model: torch.nn.Module, tokens_or_texts, method: str = "teal-greed
     if head_density is not None:
         add_head_routing(plan, model, tokens_or_texts, head_density, tokenizer, token_budget=head_tokens,
                          seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress)
+    if lm_head_sparsity is not None:
+        add_lm_head_sparsity(plan, model, tokens_or_texts, lm_head_sparsity, tokenizer, token_budget=token_budget,
+                             batch_size=batch_size, seq_len=seq_len, seed=seed)
     return plan

@@ -18,8 +18,11 @@ def resolve_names(sites: list[Site], plan: SparsityPlan) -> dict[str, str]:
     """Each site's graph module name -> the plan's name for it (absent where none fits)."""
     known = set((plan.model or {}).get("weights", {})) or plan.rule_names()
     names = [s.module for s in sites]
+    # a head tied to the input embedding is traced under the embedding's name (calibration.lm_head)
+    tied = (plan.info.get("lm_head") or {}).get("traced_as")
+    alias = {tied: plan.info["lm_head"]["module"]} if tied else {}
     if any(n in known for n in names):  # rooted at the model (a tied head may not be linear)
-        return {n: n for n in names if n in known}
+        return {n: alias.get(n, n) for n in names if n in known or n in alias}
     prefixes: set[str] | None = None
     for n in names:
         cands = {k[: -len(n)] for k in known if k.endswith("." + n)}
