@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=520, help="stop starting new rows after this")
+    p.add_argument("--lm-head-sparsity", type=float, default=None,
+                   help="also mask the LM head's input at this sparsity in every sparse plan (off by default)")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--loop", choices=["generate", "lean", "greedy"], default="generate",
                    help="HF generate with compile_config, a minimal compiled decode loop, or "
@@ -213,6 +215,12 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     calib = torch.randint(0, 128000, (1, 512), device="cuda", generator=g)
     plans = {s: calibrate_on_tokens(model, calib, s) for s in args.sparsity}
+    if args.lm_head_sparsity is not None:
+        from actsparse.calibration.lm_head import add_lm_head_sparsity
+
+        for plan in plans.values():
+            add_lm_head_sparsity(plan, model, calib, args.lm_head_sparsity, token_budget=calib.numel(),
+                                 seq_len=calib.shape[-1], batch_size=1)
     dense_cfg = CompileConfig(backend="inductor", mode="reduce-overhead", fullgraph=True)
     for batch in args.batches:
         ids = torch.randint(0, 128000, (batch, 32), device="cuda", generator=g)

@@ -77,3 +77,17 @@ def test_calibration_records_each_inputs_sparsity():
     sp = site_sparsity(plan)
     assert set(sp) == set(decoder_linears(model))
     assert all(abs(s - 0.4) < 0.05 for s in sp.values())
+
+
+def test_lm_head_threshold_counts_in_the_bytes():
+    """A plan with LM-head sparsity reads less of the head too (its measured sparsity)."""
+    from actsparse.calibration.lm_head import add_lm_head_sparsity
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    plan = calibrate_on_tokens(model, ids, 0.4)
+    before = bytes_per_step(model, plan, pays=always)
+    add_lm_head_sparsity(plan, model, ids, 0.5, token_budget=64, seq_len=64, batch_size=1)
+    head = model.get_output_embeddings().weight
+    saved = plan.measured["lm_head"] * head.numel() * head.element_size()
+    assert bytes_per_step(model, plan, pays=always) == pytest.approx(before - saved)
