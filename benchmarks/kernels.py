@@ -57,9 +57,9 @@ def _short(cfg) -> str:
     if cfg is None:
         return "-"
     kw = cfg.kwargs
-    if "TILES" in kw:  # the predicated family: t(iles) BLOCK_K x TILES / BLOCK_N, e: evict-first weights
+    if "TILES" in kw:  # the predicated family: t(iles) BLOCK_K x TILES / BLOCK_N, e: evict-first weights, a: always add
         return (f"t{kw['BLOCK_K']}x{kw['TILES']}/{kw['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
-                + ("e" if kw.get("W_EVICT") else ""))
+                + ("e" if kw.get("W_EVICT") else "") + ("" if kw.get("SKIP_EMPTY", True) else "a"))
     if "CHUNK" in kw:
         return (f"{'c' if kw['COMPACT'] else 'p'}{kw['CHUNK']}/{kw['BLOCK_K']}/{kw['BLOCK_N']}"
                 f"w{cfg.num_warps}s{cfg.num_stages}" + ("" if kw.get("PREFETCH", True) or not kw["COMPACT"] else "n"))

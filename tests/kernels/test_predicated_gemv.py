@@ -29,7 +29,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 CONFIGS = [  # interpreter-sized: several unrolled tiles, one tile, one program over all of K
     dict(BLOCK_K=16, BLOCK_N=32, TILES=2, num_warps=4),
-    dict(BLOCK_K=16, BLOCK_N=16, TILES=1, num_warps=4),
+    dict(BLOCK_K=16, BLOCK_N=16, TILES=1, num_warps=4, SKIP_EMPTY=False),
     dict(BLOCK_K=16, BLOCK_N=16, TILES=3, num_warps=4, W_EVICT="evict_first"),
     dict(BLOCK_K=32, BLOCK_N=64, TILES=8, num_warps=4),  # one split covers K
 ]
@@ -224,3 +224,14 @@ def test_launch_chooses_the_faster_family_per_key(monkeypatch):
     (y2,) = sg.launch_sparse_linear(x, [w], [None], [0.5], sparsity_hint=0.5)  # remembered: no timing
     assert sg.last_family() == "predicated"
     torch.testing.assert_close(y, y2)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_programs_with_no_active_channel_add_nothing(M):
+    """Channels 0..47 zero in every row: the programs over them skip their atomics (SKIP_EMPTY),
+    the others add theirs; the sums stay exact."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(M, 100, generator=g)
+    x[:, :48] = 0
+    for cfg in (CONFIGS[0], dict(CONFIGS[0], SKIP_EMPTY=False)):
+        case(M, 100, [40, 24], torch.float32, seed=13, sparsity=0.3, x=x, config=cfg)

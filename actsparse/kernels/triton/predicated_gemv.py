@@ -17,7 +17,8 @@ This family does what TEAL's kernel does, in our own form:
    depends on another tile's data, so every weight request of the program can be in flight at
    once, right after the x loads.
 2. The partial sums go to the fp32 workspace by relaxed atomics (fire and forget, no fence, no
-   counter, no last-program election).
+   counter, no last-program election); a program none of whose channels is active adds nothing
+   (SKIP_EMPTY), which saves atomics at high sparsity.
 3. A second, tiny launch reads the sums, adds the bias, writes y in its dtype and zeroes the
    workspace for the next call (CUDA-graph safe: no memset, nothing sized by the data).
 
@@ -46,7 +47,7 @@ from actsparse.kernels.triton.sparse_gemv import _fma, _load_tile
 def _predicated_tile(X, stride_xm, stride_xk, RS, WS, W, swn, swk, N, thr, CT, blk, col0, M, K, N_TOTAL,
                      HAS_ROW_SCALE: tl.constexpr, HAS_CT: tl.constexpr, M_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, W_EVICT: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, W_EVICT: tl.constexpr, SKIP_EMPTY: tl.constexpr):
     """One program: outputs [blk*BLOCK_N, +BLOCK_N) of one linear, TILES*BLOCK_K input channels."""
     k0 = tl.program_id(1) * (TILES * BLOCK_K)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,17 +62,24 @@ def _predicated_tile(X, stride_xm, stride_xk, RS, WS, W, swn, swk, N, thr, CT, b
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    hit = 0
     for t in tl.static_range(TILES):  # unrolled: the tiles' loads do not wait for each other
         rows = k0 + t * BLOCK_K + tl.arange(0, BLOCK_K)
         xg, keep, w = _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, rows < K, offs_m, m_ok, offs_n, n_ok,
                                  cutoff, CT, False, HAS_CT, W_EVICT)
         acc = _fma(acc, xg, keep, w, M_PAD, DOT_PRECISION)
+        if SKIP_EMPTY:
+            hit += tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     else:
         part = acc
     ws = WS + offs_m[:, None] * N_TOTAL + col0 + offs_n[None, :]
-    tl.atomic_add(ws, part, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    if SKIP_EMPTY:  # no active channel in this program's range: nothing to add (fewer atomics at high s)
+        if hit > 0:
+            tl.atomic_add(ws, part, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(ws, part, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -87,6 +95,7 @@ def _predicated_kernel(
     NUM_OUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_CT0: tl.constexpr, HAS_CT1: tl.constexpr, HAS_CT2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, W_EVICT: tl.constexpr = "",
+    SKIP_EMPTY: tl.constexpr = True,
 ):
     """Grid: (output blocks of all outputs, K / (TILES * BLOCK_K)). Partial sums only: the
     finishing launch writes y."""
@@ -95,16 +104,16 @@ def _predicated_kernel(
     nb1 = tl.cdiv(N1, BLOCK_N)
     if pid_n < nb0:
         _predicated_tile(X, stride_xm, stride_xk, RS, WS, W0, s_w0n, s_w0k, N0, t0, CT0, pid_n, 0, M, K, N_TOTAL,
-                         HAS_ROW_SCALE, HAS_CT0, M_PAD, BLOCK_N, BLOCK_K, TILES, DOT_PRECISION, W_EVICT)
+                         HAS_ROW_SCALE, HAS_CT0, M_PAD, BLOCK_N, BLOCK_K, TILES, DOT_PRECISION, W_EVICT, SKIP_EMPTY)
     elif NUM_OUT >= 2:
         if pid_n < nb0 + nb1:
             _predicated_tile(X, stride_xm, stride_xk, RS, WS, W1, s_w1n, s_w1k, N1, t1, CT1, pid_n - nb0, N0,
                              M, K, N_TOTAL, HAS_ROW_SCALE, HAS_CT1, M_PAD, BLOCK_N, BLOCK_K, TILES, DOT_PRECISION,
-                             W_EVICT)
+                             W_EVICT, SKIP_EMPTY)
         elif NUM_OUT >= 3:
             _predicated_tile(X, stride_xm, stride_xk, RS, WS, W2, s_w2n, s_w2k, N2, t2, CT2, pid_n - nb0 - nb1,
                              N0 + N1, M, K, N_TOTAL, HAS_ROW_SCALE, HAS_CT2, M_PAD, BLOCK_N, BLOCK_K, TILES,
-                             DOT_PRECISION, W_EVICT)
+                             DOT_PRECISION, W_EVICT, SKIP_EMPTY)
 
 
 @triton.jit
@@ -143,9 +152,9 @@ def _finish_kernel(WS, Y0, Y1, Y2, B0, B1, B2, N0, N1, N2, N_TOTAL,
 # ----------------------------------------------------------------------------------------------
 
 
-def _cfg(block_k, block_n, tiles, warps, evict=""):
-    return triton.Config(dict(BLOCK_K=block_k, BLOCK_N=block_n, TILES=tiles, W_EVICT=evict), num_warps=warps,
-                         num_stages=1)
+def _cfg(block_k, block_n, tiles, warps, evict="", skip=True):
+    return triton.Config(dict(BLOCK_K=block_k, BLOCK_N=block_n, TILES=tiles, W_EVICT=evict, SKIP_EMPTY=skip),
+                         num_warps=warps, num_stages=1)
 
 
 #: One row: TEAL's range of tile shapes (one tile per program, many programs) and a few
@@ -155,6 +164,7 @@ CONFIGS_M1 = [
     _cfg(8, 128, 1, 2), _cfg(64, 128, 1, 2), _cfg(128, 64, 1, 4), _cfg(128, 128, 1, 4),
     _cfg(16, 256, 4, 4), _cfg(32, 256, 2, 4), _cfg(16, 512, 2, 4), _cfg(32, 128, 4, 2),
     _cfg(16, 256, 1, 4, "evict_first"), _cfg(32, 256, 2, 4, "evict_first"),
+    _cfg(16, 256, 1, 4, skip=False), _cfg(32, 256, 2, 4, skip=False),  # no emptiness test (low sparsity)
 ]
 #: 2..16 rows padded to 16 (tl.dot needs BLOCK_K >= 16).
 CONFIGS_DOT = [
