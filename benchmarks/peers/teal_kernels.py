@@ -150,7 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     res["wall_s"] = time.time() - t0
     write_json(a.out, res)
+    log(table(res["rows"]))
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: speedup over cuBLAS per shape and sparsity, ours (chosen family) / TEAL / ideal."""
+    sps = sorted({r["sparsity"] for r in rows})
+    out = ["| shape, ours (family) / TEAL / ideal | " + " | ".join(f"{s:.0%}" for s in sps) + " |",
+           "|---|" + "---|" * len(sps)]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["sparsity"]: r for r in rows if r["shape"] == name}
+        cells = []
+        for s in sps:
+            r = by.get(s)
+            if r is None:
+                cells.append("-")
+                continue
+            teal = f"{r['teal_x']:.2f}" if r.get("teal_x") else "-"
+            fam = (r.get("ours_family") or "?")[0]
+            cells.append(f"{r['ours_x']:.2f} ({fam}) / {teal} / {r['ideal_x']:.2f}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
