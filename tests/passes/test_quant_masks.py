@@ -65,18 +65,18 @@ def test_compiled_quantized_model_matches_masked_reference(bits, compiler, batch
     assert any(f"int{bits}" in s.rule for s in be.be.sites)
 
 
-def test_statistical_topk_default_on_quantized_model():
+def test_statistical_topk_on_quantized_model():
+    """Per-token cutoffs (statistical top-k, the no-plan default's rule) on quantized sites."""
     model = actsparse.quantize(_model(), bits=4)
+    plan = actsparse.SparsityPlan.statistical(0.4, model)
     ids, dec = _inputs(1, 4, 2)
+    be = Counting(plan, "eager")
     torch._dynamo.reset()
-    fwd = torch.compile(model.forward, backend="sparse", options={"sparsity": 0.4, "compiler": "eager"})
-    with pytest.warns(UserWarning):
-        got = prefill_decode(fwd, model, ids, dec)
-    plan = actsparse.SparsityPlan.stat_topk(model, 0.4) if hasattr(actsparse.SparsityPlan, "stat_topk") else None
-    if plan is not None:
-        with masked(model, plan):
-            ref = prefill_decode(model.forward, model, ids, dec)
-        _close(got, ref)
+    got = prefill_decode(torch.compile(model.forward, backend=be), model, ids, dec)
+    with masked(model, plan):
+        ref = prefill_decode(model.forward, model, ids, dec)
+    _close(got, ref)
+    assert be.calls > 0 and any("stat-topk" in s.rule and "int4" in s.rule for s in be.be.sites)
 
 
 def test_plan_from_float_model_applies_and_other_models_fail():
