@@ -8,8 +8,9 @@ from . import distributed, models
 from .compiler import backend, prepare
 from .decode import greedy_decode
 from .plan import PlanError, SparsityPlan
+from .quant import quantize
 
-__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode", "models", "distributed"]
+__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode", "models", "distributed", "quantize"]
 
 
 def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: float = 0.5, **kwargs):

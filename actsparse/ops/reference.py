@@ -219,3 +219,20 @@ def route_heads_reference(x: Tensor, w: Tensor, b: Tensor, keep: int) -> Tensor:
     """The ``keep`` units a linear router scores highest, per token: int64 [..., keep]."""
     logits = F.linear(x.float(), w.float(), b.float())
     return torch.topk(logits, keep, dim=-1, sorted=False).indices
+
+
+def quant_sparse_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None,
+                                  bias: Tensor | None, threshold: float, per_token: bool, bits: int,
+                                  group_size: int, scale: Tensor | None = None) -> Tensor:
+    """``linear(x * (|x| > t), dequantize(W), b)`` over a quantized input-major weight
+    (``actsparse.quant.storage``): dequantised, masked and multiplied in fp32."""
+    from ..quant.storage import dequantize_input_major
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    w = dequantize_input_major(qweight, scales, offsets, bits, group_size)  # [K, N]
+    xm = torch.where(input_mask(x2, threshold, per_token, scale), x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
+    y = xm.float() @ w
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, w.shape[1])

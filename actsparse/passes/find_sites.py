@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..ops.quant_linear import quant_linear as _QUANT_LINEAR
 from ..plan.sharding import Shard
 from .dtensor import local_weight, value_of
 
@@ -54,6 +55,7 @@ _RESHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "fl
 _RESHAPE_FUNCS = {torch.transpose, torch.reshape, torch.flatten, torch.permute}
 
 _MODULE_RE = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
+_BUFFER_RE = re.compile(r"_buffers\[['\"]([^'\"]+)['\"]\]")
 _PARAM_RE = re.compile(r"_parameters\[['\"]([^'\"]+)['\"]\]")
 
 
@@ -77,6 +79,7 @@ class Site:
     param: fx.Node | None = None  # the parameter's placeholder (``weight``, or what it is the local shard of)
     shard: Shard | None = None  # tensor parallel: how the weight is split over the ranks
     global_shape: tuple[int, int] | None = None  # the parameter's [out, in] (linear) as the plan knows it
+    quant: dict | None = None  # an actsparse.quantize linear: its scales/offsets nodes, bits, group_size
 
     @property
     def plan_shape(self) -> tuple[int, int]:
@@ -114,9 +117,28 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _quant_site(node: fx.Node) -> Site | None:
+    """An ``actsparse::quant_linear`` call (``actsparse.quantize``): a linear whose weight is the
+    module's quantized buffers; ``weight`` is the ``qweight`` placeholder."""
+    x, qw, scales, offsets, b, bits, group = (list(node.args) + [None] * 7)[:7]
+    if not isinstance(x, fx.Node) or not isinstance(qw, fx.Node) or qw.op != "placeholder":
+        return None
+    src = getattr(qw.meta.get("grapharg"), "source", None)
+    text = "" if src is None else src.name() if callable(getattr(src, "name", None)) else str(src.name)
+    if _BUFFER_RE.findall(text)[-1:] != ["qweight"] or _shape(qw) is None:
+        return None
+    k, cols = _shape(qw)
+    return Site(node=node, module=".".join(_MODULE_RE.findall(text)), kind="linear", input=x, weight=qw,
+                bias=b if isinstance(b, fx.Node) else None, out_features=cols * (2 if bits == 4 else 1),
+                in_features=k, param=qw, quant={"scales": scales, "offsets": offsets, "bits": bits,
+                                                "group_size": group})
+
+
 def _linear_site(node: fx.Node) -> Site | None:
     if node.op != "call_function":
         return None
+    if node.target is _QUANT_LINEAR:
+        return _quant_site(node)
     if node.target in _LINEAR_TARGETS:
         args = list(node.args) + [None] * (3 - len(node.args))
         x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])

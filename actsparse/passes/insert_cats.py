@@ -14,6 +14,7 @@ from ..ops.gated_mlp import gated_mlp as gated_mlp_op
 from ..plan import PlanError
 from .context import PassContext
 from .graph import erase_orphans, run_dense, static_rows
+from .quant_masks import refuse_quantized
 
 
 def insert_cats(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -31,6 +32,7 @@ def insert_cats(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue  # plain MLP: the down input's threshold (insert_masks)
         t = acts[pname]
         gate, up = s.gated["gate"], s.gated["up"]
+        refuse_quantized("CATS", [gate, up, s])
         clash = [ctx.names.get(x.module) for x in (gate, up, s) if ctx.names.get(x.module) in ctx.plan.thresholds]
         if clash:
             raise PlanError(f"plan has both a CATS rule on {pname} and input thresholds on {clash}; "

@@ -24,6 +24,7 @@ from .context import PassContext
 from .dtensor import column_norms
 from .find_sites import Site
 from .graph import erase_orphans, node_order, run_dense, static_rows, weight_value
+from .quant_masks import emit_quant_masks
 
 
 def _weight_arg(graph: fx.Graph, site: Site) -> fx.Node:
@@ -79,10 +80,17 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
     orphans: list[fx.Node] = []
     for x, members in groups.items():
         for per_token, part in _calls(members):
-            first = min((m[0].node for m in part), key=order)
             channel = wina and not per_token
             hint = max(ctx.implied_thresholds[m[0].module][1] if m[0].module in ctx.implied_thresholds
                        else ctx.hint(ctx.names.get(m[0].module, m[0].module)) for m in part)
+            quant = [m for m in part if m[0].quant is not None]  # actsparse.quantize linears
+            if quant:
+                ctx.stats.sparse_linear_calls += emit_quant_masks(graph, x, quant, per_token, hint, wina, orphans)
+                ctx.stats.masked_sites += len(quant)
+                part = [m for m in part if m[0].quant is None]
+                if not part:
+                    continue
+            first = min((m[0].node for m in part), key=order)
             ns = [m[0].out_features for m in part]
             if not channel and run_dense(x, part[0][0].in_features, ns, hint):
                 _emit_dense(graph, x, part, per_token, first, orphans)

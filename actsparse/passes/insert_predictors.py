@@ -29,6 +29,7 @@ from ..plan import PlanError
 from .context import PassContext
 from .find_sites import Site
 from .graph import erase_orphans, example_value
+from .quant_masks import refuse_quantized
 
 
 def _check(pname: str, spec: dict, s: Site, ctx: PassContext) -> None:
@@ -77,6 +78,7 @@ def insert_predictors(gm: fx.GraphModule, ctx: PassContext) -> None:
         spec = preds[pname]
         ctx.stats.found_rules.add(pname)
         _check(pname, spec, s, ctx)
+        refuse_quantized("predictor", [s.gated["gate"], s.gated["up"], s])
         gate, up = s.gated["gate"], s.gated["up"]
         w = example_value(gate.weight)
         device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")

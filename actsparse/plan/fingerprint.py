@@ -1,8 +1,8 @@
 """What a plan records of its model, so that a plan used on another model fails loudly.
 
 The fingerprint is the architecture name and the shape of every linear-like weight. It is
-deliberately blind to values and dtypes: a plan made on the bf16 model applies to its fp32 or
-re-stored copy, but not to a model of other widths, depth or architecture.
+deliberately blind to values and dtypes: a plan made on the bf16 model applies to its fp32,
+re-stored or quantized (``actsparse.quantize``) copy, but not to a model of other widths, depth or architecture.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ def linear_weights(model: torch.nn.Module) -> dict[str, list[int]]:
     """Module name -> weight shape for every linear-like layer (nn.Linear, HF Conv1D)."""
     shapes = {}
     for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "weight_shape", None), tuple) and is_linear_like(mod):
+            shapes[name] = list(mod.weight_shape)  # quantized (actsparse.quantize): the float weight's shape
+            continue
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 2 and is_linear_like(mod):
             shapes[name] = list(w.shape)

@@ -175,7 +175,8 @@ class SparsityPlan:
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
         names = set().union(*(r.input_major_modules(linears) for r in self.rules.values()))
         mods = dict(model.named_modules())
-        return sorted(n for n in names if isinstance(mods.get(n), torch.nn.Linear))
+        return sorted(n for n in names if isinstance(mods.get(n), torch.nn.Linear)
+                      and not hasattr(mods[n], "qweight"))  # quantized weights are stored input-major already
 
     def check_consistency(self) -> None:
         """Raise PlanError where two rules claim the same MLP, or a rule lacks its tensors."""

@@ -1,0 +1,70 @@
+"""Weight quantization whose storage the sparse kernels read: ``actsparse.quantize``.
+
+    model = actsparse.quantize(model, bits=8)                  # int8, per output channel
+    model = actsparse.quantize(model, bits=4, group_size=64)   # int4, groups along the input
+
+Every nn.Linear except the output head (the decoder's linears, the ones a plan can mask)
+becomes a ``QuantLinear``; embeddings and the LM head keep their dtype. The quantized model
+runs everywhere (its forward is a dense dequantise-and-matmul), calibrates like the original,
+and takes plans made on the original (same fingerprint). Compiled with ``backend="sparse"``
+and a plan, its masked linears run the quantized sparse kernels.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .linear import QuantLinear
+from .storage import BITS, GROUP_SIZES, QuantizedWeight, check_options, dequantize_input_major, quantize_weight
+
+__all__ = ["BITS", "GROUP_SIZES", "QuantLinear", "QuantizedWeight", "dequantize_input_major", "quantize",
+           "quantize_weight", "quantizable_linears"]
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears ``quantize`` replaces: every plain nn.Linear but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear) and m is not head}
+
+
+def _group_size(linears: dict[str, nn.Linear], group_size: int | None) -> int | None:
+    """The int4 group size: the one asked for (every layer's input must divide into it), or
+    the largest of GROUP_SIZES that divides every layer's input width."""
+    widths = {n: m.in_features for n, m in linears.items()}
+    if group_size is not None:
+        bad = [f"{n} ({k})" for n, k in widths.items() if k % group_size]
+        if bad:
+            raise ValueError(f"group_size={group_size} does not divide the input width of "
+                             f"{len(bad)} linears: {', '.join(bad[:4])}; pick a divisor from {GROUP_SIZES}")
+        return group_size
+    for g in reversed(GROUP_SIZES):
+        if all(k % g == 0 for k in widths.values()):
+            return g
+    bad = [f"{n} ({k})" for n, k in widths.items() if k % GROUP_SIZES[0]]
+    raise ValueError(f"int4 needs input widths that are multiples of {GROUP_SIZES[0]}: {', '.join(bad[:4])}")
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None) -> nn.Module:
+    """Replace the model's linears (not the output head) by quantized ones, in place.
+
+    ``bits``: 8 (symmetric int8, one scale per output channel) or 4 (asymmetric int4, one
+    scale and offset per ``group_size`` input channels and output; ``group_size`` one of
+    GROUP_SIZES, default the largest that divides every layer's input width). Returns the model.
+    """
+    check_options(bits, group_size)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    linears = quantizable_linears(model)
+    if not linears:
+        raise ValueError("the model has no nn.Linear to quantize (besides its output head)")
+    if bits == 4:
+        group_size = _group_size(linears, group_size)
+        odd = [f"{n} ({m.out_features})" for n, m in linears.items() if m.out_features % 2]
+        if odd:
+            raise ValueError(f"int4 stores two outputs per byte; odd output widths: {', '.join(odd[:4])}")
+    for name, lin in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(lin, bits, group_size))
+    return model

@@ -1,0 +1,121 @@
+"""Quantized weights stored input-major, so that a skipped input channel costs no weight bytes.
+
+A linear ``y = x W^T`` with W [N, K] (N outputs, K input channels) is stored as its transpose:
+row k holds input channel k's N quantized values, contiguous. A decode step whose input is
+zero on channel k never reads row k.
+
+* int8 (``bits=8``): ``qweight`` int8 [K, N], symmetric, one scale per output channel
+  (``scales`` [N]): ``W[n, k] ~ qweight[k, n] * scales[n]``. The scale does not depend on k,
+  so a kernel applies it once to each output's sum.
+* int4 (``bits=4``): asymmetric, one scale and one offset per (group of ``group_size`` input
+  channels, output): ``W[n, k] ~ q[k, n] * scales[g, n] + offsets[g, n]``, q in 0..15,
+  g = k // group_size, ``scales`` and ``offsets`` [K / group_size, N]. Two values per byte,
+  packed along the outputs so that each input channel's row stays contiguous: ``qweight``
+  uint8 [K, N / 2], byte j of row k holds output j in its low nibble and output j + N / 2 in
+  its high nibble ("half-split": unpacking is two shifts and a concatenation, no interleave).
+
+Scales and offsets keep the original weight's dtype; values are rounded against the stored
+(rounded) scales so the dequantised weight is within half a step of the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear's quantized weight (see the module docstring for the layout)."""
+
+    qweight: Tensor
+    scales: Tensor
+    offsets: Tensor | None
+    bits: int
+    group_size: int  # int4: input channels per scale; int8: 0 (one scale per output)
+    out_features: int
+    in_features: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight as nn.Linear holds it, [N, K], computed in fp32 then cast to ``dtype``."""
+        return dequantize_input_major(self.qweight, self.scales, self.offsets, self.bits,
+                                      self.group_size).t().to(dtype)
+
+
+def check_options(bits: int, group_size: int | None) -> None:
+    """Raise ValueError on a bit width or group size this storage does not have."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    if bits == 8 and group_size is not None:
+        raise ValueError("group_size applies to bits=4 only (int8 has one scale per output channel); "
+                         f"got group_size={group_size!r}")
+    if bits == 4 and group_size is not None and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} (input channels per int4 scale), "
+                         f"got {group_size!r}")
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """[K, N] integers in 0..15 (N even) -> uint8 [K, N / 2], half-split (see module docstring)."""
+    k, n = q.shape
+    if n % 2:
+        raise ValueError(f"int4 packing needs an even number of outputs, got {n}")
+    q = q.to(torch.uint8)
+    return (q[:, : n // 2] | (q[:, n // 2:] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 [K, N / 2] -> uint8 [K, N] in 0..15: the inverse of ``pack_int4``."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=1)
+
+
+def quantize_int8(w: Tensor) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output channel, from an nn.Linear weight [N, K]."""
+    n, k = w.shape
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(w.dtype)
+    q = torch.round(wf / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(q.t().contiguous(), scales.contiguous(), None, 8, 0, n, k)
+
+
+def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
+    """Asymmetric int4, one (scale, offset) per group of input channels and output channel."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+    if n % 2:
+        raise ValueError(f"int4 needs an even number of outputs (two per byte), got {n}")
+    wg = w.detach().float().t().reshape(k // group_size, group_size, n)  # [groups, G, N], input-major
+    lo, hi = wg.amin(dim=1), wg.amax(dim=1)
+    span = hi - lo
+    scales = torch.where(span > 0, span / 15, torch.ones_like(span)).to(w.dtype)
+    offsets = lo.to(w.dtype)
+    q = torch.round((wg - offsets.float()[:, None]) / scales.float()[:, None]).clamp_(0, 15)
+    packed = pack_int4(q.reshape(k, n))
+    return QuantizedWeight(packed, scales.contiguous(), offsets.contiguous(), 4, group_size, n, k)
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
+    """Quantize an nn.Linear weight [N, K] to the input-major storage."""
+    check_options(bits, group_size)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D linear weight, got shape {tuple(w.shape)}")
+    if bits == 8:
+        return quantize_int8(w)
+    return quantize_int4(w, group_size or GROUP_SIZES[-1])
+
+
+def dequantize_input_major(qweight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int,
+                           group_size: int) -> Tensor:
+    """The dequantised weight in fp32, input-major [K, N] (``x @ result`` is the linear)."""
+    if bits == 8:
+        return qweight.float() * scales.float()[None, :]
+    q = unpack_int4(qweight).float()
+    k, n = q.shape
+    g = q.reshape(k // group_size, group_size, n)
+    return (g * scales.float()[:, None] + offsets.float()[:, None]).reshape(k, n)

@@ -1,0 +1,226 @@
+"""End-to-end decode on quantized weights: dense bf16 against int8 / int4, dense and sparse, one run.
+
+A random-weight model of Llama-3-8B shape (``actsparse.models.shaped``; speed depends on shapes,
+not values) in bf16, and two copies of it quantized by ``actsparse.quantize`` (int8 per output
+channel; int4 in groups of 128 input channels). TEAL thresholds are calibrated once on the bf16
+model and applied unchanged to the quantized copies (the plan's fingerprint allows it). Every
+variant decodes in the same minimal loop (compiled step under CUDA graphs, static cache, greedy
+argmax, no host sync per token):
+
+* ``dense-bf16``: ``backend="inductor"`` with CUDA graphs: the baseline of ``vs_dense``;
+* ``dense-int8`` / ``dense-int4``: the quantized model under Inductor (its dequantise-and-matmul
+  compiled as Inductor compiles it; no special int kernel);
+* ``sparse-int8`` / ``sparse-int4``: ``backend="sparse"`` with the plan at each sparsity: the
+  quantized sparse GEMV (``kernels/triton/quant_gemv``) at every masked linear.
+
+Rows are ordered so that the most telling ones (batch 1, 50%) come first, and written as they
+finish; ``--budget-s`` stops starting new rows so that the run ends within the machine's limit.
+torchao's dense int8 / int4 rows are not measured (torchao is not installed here).
+
+    python -m benchmarks.e2e_quant --out $OUT/e2e_quant_h100.json
+    python -m benchmarks.e2e_quant --tiny --device cpu --compiler eager --out /tmp/q.json   # the CPU smoke path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (the CPU test path)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--compiler", choices=["inductor", "eager"], default="inductor")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.0, 0.25, 0.4, 0.6])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--group-size", type=int, default=None, help="int4 group (default: the largest of 32/64/128 that fits: 128 on Llama-3)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=480, help="start no new row after this many seconds")
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if any(not 0 <= s < 1 for s in a.sparsity):
+        p.error("--sparsity values must be in [0, 1)")
+    if any(b not in (8, 4) for b in a.bits):
+        p.error("--bits takes 8 and/or 4")
+    return a
+
+
+def build(args, seed: int = 0):
+    """The float model: a tiny Llama (fp32, CPU) or a shaped random Llama-3 (bf16)."""
+    from actsparse.models import shaped, tiny
+
+    if args.tiny:
+        return tiny("llama", intermediate_size=128, num_hidden_layers=args.layers or 2, seed=seed).to(args.device)
+    return shaped(args.model, dtype=torch.bfloat16, device=args.device, num_layers=args.layers, seed=seed)
+
+
+def backend_for(plan, args):
+    """The compiled step's backend: the sparse backend with ``plan``, else plain Inductor."""
+    import actsparse
+
+    cuda = args.device.startswith("cuda")
+    if plan is not None:
+        return actsparse.backend(plan, cudagraphs=cuda and args.compiler == "inductor", compiler=args.compiler)
+    if args.compiler == "eager":
+        return "eager"
+    from torch._inductor.compile_fx import compile_fx
+
+    def be(gm, example_inputs):
+        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda})
+    return be
+
+
+def decode_rate(model, backend, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Tokens/s of a minimal loop (as ``benchmarks.e2e.lean_decode_rate``, on any device): eager
+    prefill, then the compiled step with the position advanced on the device."""
+    from transformers import StaticCache
+
+    b, n = ids.shape
+    dev = ids.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, backend=backend, fullgraph=True)
+    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 1)
+
+    def run() -> float:
+        cache.reset()
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=dev))
+            tok = out.logits[:, -1:].argmax(-1)
+            pos = torch.tensor([n], device=dev)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                tok = step(input_ids=tok, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
+                pos += 1
+            sync()
+        return new_tokens * b / (time.perf_counter() - t0)
+
+    run()
+    run()
+    rates = sorted(run() for _ in range(max(repeats, 1)))
+    return rates[len(rates) // 2]
+
+
+def check(models: dict, plan, args) -> dict:
+    """One decode step of each quantized model, compiled sparse, against the eager model masked
+    by hooks; relative logit error, beside what the masks themselves change."""
+    from transformers import StaticCache
+
+    from actsparse.eval.masked import masked
+
+    out = {}
+    g = torch.Generator(device=args.device).manual_seed(2)
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(3, vocab, (1, 17), device=args.device, generator=g)
+
+    def step(model, fwd, masked_prefill=True):
+        """Prefill eagerly (masked by hooks, as the reference), then one step with ``fwd``."""
+        cache = StaticCache(config=model.config, max_cache_len=20)
+        with torch.no_grad():
+            with (masked(model, plan) if masked_prefill else contextlib.nullcontext()):
+                model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device))
+            return fwd(input_ids=ids[:, 16:], past_key_values=cache,
+                       cache_position=torch.tensor([16], device=args.device)).logits.float().clone()
+
+    for name, model in models.items():
+        with masked(model, plan):
+            ref = step(model, model.forward)
+        dense = step(model, model.forward, masked_prefill=False)
+        torch._dynamo.reset()
+        got = step(model, torch.compile(model.forward, backend=backend_for(plan, args), fullgraph=True))
+        rel = float((got - ref).norm() / ref.norm())
+        rel_mask = float((dense - ref).norm() / ref.norm())
+        out[name] = {"rel_err_vs_masked_eager": rel, "rel_diff_masked_vs_dense": rel_mask, "ok": rel < 0.25 * rel_mask}
+    return out
+
+
+def row_order(args) -> list[tuple[int, str, int | None, float | None]]:
+    """(batch, kind, bits, sparsity) in the order they run: per batch the dense rows, then the
+    sparse ones at the first sparsity for each width, then the rest."""
+    rows = []
+    for batch in args.batches:
+        rows.append((batch, "dense", None, None))
+        rows += [(batch, "dense", b, None) for b in args.bits]
+        for s in args.sparsity:
+            rows += [(batch, "sparse", b, s) for b in args.bits]
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    import actsparse
+    from benchmarks.e2e import calibrate_on_tokens
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+    res = {"gpu" if cuda else "cpu": torch.cuda.get_device_name() if cuda else "cpu",
+           "command": "python -m benchmarks.e2e_quant " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "torch": torch.__version__, "model": "tiny-llama" if args.tiny else args.model,
+           "layers": args.layers, "compiler": args.compiler, "new_tokens": args.new_tokens,
+           "group_size_int4": args.group_size, "torchao": "not measured (not installed)", "rows": []}
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    base = build(args)
+    vocab = base.config.vocab_size
+    g = torch.Generator(device=args.device).manual_seed(0)
+    calib = torch.randint(3, vocab, (1, 512 if not args.tiny else 64), device=args.device, generator=g)
+    plans = {s: calibrate_on_tokens(base, calib, s) for s in args.sparsity}  # made on the float model
+    models = {None: base}
+    for bits in args.bits:  # the same random weights (same seed), quantized
+        models[bits] = actsparse.quantize(build(args), bits=bits, group_size=args.group_size if bits == 4 else None)
+    if cuda:
+        res["memory_gib"] = torch.cuda.memory_allocated() / 2**30
+    if args.check:
+        res["correctness"] = check({f"int{b}": models[b] for b in args.bits}, plans[args.sparsity[0]], args)
+        print("correctness:", res["correctness"], flush=True)
+        save()
+    dense_rate: dict[int, float] = {}
+    for batch, kind, bits, s in row_order(args):
+        variant = f"{kind}-{'bf16' if bits is None else f'int{bits}'}"
+        if time.time() - t_start > args.budget_s:
+            res.setdefault("skipped", []).append(f"{variant} batch {batch} sparsity {s}: out of time")
+            continue
+        if batch not in dense_rate and not (kind == "dense" and bits is None):
+            res.setdefault("skipped", []).append(f"{variant} batch {batch}: no dense baseline")
+            continue
+        ids = torch.randint(3, vocab, (batch, 32), device=args.device, generator=g)
+        t0 = time.time()
+        try:
+            rate = decode_rate(models[bits], backend_for(plans[s] if kind == "sparse" else None, args), ids,
+                               args.new_tokens, args.repeats)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+            res.setdefault("errors", []).append(f"{variant} batch {batch} sparsity {s}: {type(e).__name__}: {e}")
+            save()
+            continue
+        if kind == "dense" and bits is None:
+            dense_rate[batch] = rate
+        row = {"variant": variant, "bits": bits or 16, "batch": batch, "sparsity": s or 0.0, "tok_s": rate,
+               "vs_dense": rate / dense_rate[batch], "seconds": time.time() - t0}
+        res["rows"].append(row)
+        save()
+        print(f"batch {batch} {variant:>12} {row['sparsity']:.0%}: {rate:9.1f} tok/s  x{row['vs_dense']:.2f}"
+              f"  ({row['seconds']:.0f}s)", flush=True)
+    res["seconds"] = time.time() - t_start
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The quantized end-to-end benchmark (benchmarks/e2e_quant.py): its tiny CPU path runs and writes
+the rows the GPU run will write, with a passing correctness check; option errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import e2e_quant
+
+
+def test_tiny_cpu_path(tmp_path):
+    out = tmp_path / "q.json"
+    e2e_quant.main(["--tiny", "--device", "cpu", "--compiler", "eager", "--sparsity", "0.5", "0.0",
+                    "--batches", "1", "--new-tokens", "3", "--repeats", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["cpu"] == "cpu" and res["command"].startswith("python -m benchmarks.e2e_quant")
+    assert all(v["ok"] for v in res["correctness"].values()), res["correctness"]
+    got = {(r["variant"], r["bits"], r["sparsity"]) for r in res["rows"]}
+    assert got == {("dense-bf16", 16, 0.0), ("dense-int8", 8, 0.0), ("dense-int4", 4, 0.0),
+                   ("sparse-int8", 8, 0.5), ("sparse-int4", 4, 0.5), ("sparse-int8", 8, 0.0),
+                   ("sparse-int4", 4, 0.0)}
+    for r in res["rows"]:
+        assert set(r) >= {"variant", "bits", "batch", "sparsity", "tok_s", "vs_dense"} and r["tok_s"] > 0
+    assert "errors" not in res
+
+
+def test_defaults_and_errors():
+    a = e2e_quant.parse_args(["--out", "x.json"])
+    assert (a.model, a.batches, a.bits, a.device) == ("llama3-8b", [1, 4], [8, 4], "cuda")
+    assert sorted(a.sparsity) == [0.0, 0.25, 0.4, 0.5, 0.6]
+    for bad in (["--sparsity", "1.0"], ["--bits", "2"]):
+        with pytest.raises(SystemExit):
+            e2e_quant.parse_args(bad + ["--out", "x.json"])

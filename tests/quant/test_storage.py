@@ -1,0 +1,97 @@
+"""Quantized input-major storage: int4 packing round trip, error bounds, layout, option checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actsparse.quant.storage import (check_options, dequantize_input_major, pack_int4, quantize_weight,
+                                     unpack_int4)
+
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+
+
+@SETTINGS
+@given(k=st.integers(1, 40), half=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(k, half, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, 2 * half), generator=g, dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (k, half) and packed.is_contiguous()
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_pack_layout_is_half_split():
+    q = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)  # outputs 0..3 of one input channel
+    assert pack_int4(q).tolist() == [[1 | (3 << 4), 2 | (4 << 4)]]
+
+
+def test_pack_rejects_odd_outputs():
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(6, 5), (70, 100), (1, 33)])
+def test_int8_error_bound_and_layout(n, k, dtype):
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) / 3).to(dtype)
+    qw = quantize_weight(w, 8)
+    assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == (k, n) and qw.qweight.is_contiguous()
+    assert qw.scales.shape == (n,) and qw.scales.dtype == dtype and qw.offsets is None
+    assert int(qw.qweight.abs().max()) <= 127
+    err = (qw.dequantize() - w.float()).abs()
+    step = qw.scales.float()[:, None]  # one step per output channel
+    assert bool((err <= 0.5 * step * (1 + 1e-3) + 1e-7).all()), float((err / step).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n", [2, 46, 128])
+def test_int4_error_bound_and_layout(n, group, dtype):
+    k = 2 * group
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n + group)) / 3).to(dtype)
+    qw = quantize_weight(w, 4, group)
+    assert qw.qweight.dtype == torch.uint8 and qw.qweight.shape == (k, n // 2) and qw.qweight.is_contiguous()
+    assert qw.scales.shape == (k // group, n) and qw.offsets.shape == (k // group, n)
+    deq = dequantize_input_major(qw.qweight, qw.scales, qw.offsets, 4, group)  # [K, N]
+    err = (deq - w.float().t()).abs()
+    step = qw.scales.float().repeat_interleave(group, 0)
+    # half a step, plus what rounding the scale and offset to the storage dtype can add
+    slack = 0 if dtype == torch.float32 else 2.0**-7 * (w.float().abs().max())
+    assert bool((err <= 0.5 * step * (1 + 1e-3) + 1e-6 + slack).all()), float((err / step).max())
+    # int4 costs about 16x the int8 error, far below the weights' own scale
+    assert float(err.max()) < 0.1 * float(w.float().abs().max())
+
+
+def test_int4_exact_on_representable_weights():
+    """Weights already on a 16-level grid per group come back exactly."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 8), generator=g).float()  # [K, N]
+    q[0], q[1] = 0, 15  # every output's group spans the full range
+    w = (q * 0.25 - 1.0).t().contiguous()  # [N, K]
+    qw = quantize_weight(w, 4, 64)
+    assert torch.equal(qw.dequantize(), w)
+
+
+def test_constant_and_zero_weights():
+    for bits, gs in ((8, None), (4, 32)):
+        w = torch.zeros(4, 32)
+        w[1] = 0.5
+        qw = quantize_weight(w, bits, gs)
+        assert torch.equal(qw.dequantize(), w)
+
+
+@pytest.mark.parametrize("bits,gs,msg", [(3, None, "bits must be"), (8, 64, "group_size applies"),
+                                          (4, 48, "group_size must be"), (True, None, "bits must be")])
+def test_options_rejected(bits, gs, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_options(bits, gs)
+
+
+def test_int4_shape_errors():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_weight(torch.randn(4, 40), 4, 32)
+    with pytest.raises(ValueError, match="even number"):
+        quantize_weight(torch.randn(3, 32), 4, 32)
