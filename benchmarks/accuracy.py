@@ -120,7 +120,18 @@ class ObservingBackend:
         fns = {torch.ops.actsparse.sparse_linear.default: self.observer.linear,
                torch.ops.actsparse.channel_sparse_linear.default: self.observer.channel,
                torch.ops.actsparse.gated_mlp.default: self.observer.gated}
+        from actsparse.ops.dense import masked_input
+
         for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is masked_input:  # the masked dense form (prefill)
+                ws = [u.args[1] for u in node.users if u.op == "call_function" and u.args and u.args[0] is node
+                      and u.target in (torch._C._nn.linear, torch.nn.functional.linear)]
+                per_token = node.args[2] if len(node.args) > 2 else node.kwargs.get("per_token", False)
+                if ws:
+                    with gm.graph.inserting_before(node):
+                        gm.graph.call_function(self.observer.linear, (node.args[0], ws, [None] * len(ws),
+                                                                      [node.args[1]] * len(ws), per_token))
+                continue
             fn = fns.get(node.target)
             if node.op == "call_function" and fn is not None:
                 with gm.graph.inserting_before(node):
@@ -204,7 +215,7 @@ def _evaluate(fwd, tokenizer, eval_text: str, args, tasks: list[str], observer: 
 def run_model(name: str, args, out: Path) -> dict:
     """All rows of one model; writes ``out`` after each row."""
     from actsparse import models
-    from actsparse.calibration import Calibrator, wikitext2_split
+    from actsparse.calibration import Calibrator, greedy_for, wikitext2_split
     from actsparse.calibration.sites import masked_sites
 
     data = json.loads(out.read_text()) if args.resume and out.exists() else {}
@@ -237,7 +248,7 @@ def run_model(name: str, args, out: Path) -> dict:
     for label, wina in (("greedy", False), ("greedy_wina", True)):
         if any(base_method(m) == ("teal-greedy", wina) for m in pending):
             t0 = time.perf_counter()
-            cal.greedy(max(args.targets), wina=wina)
+            greedy_for(cal, max(args.targets), wina=wina)
             data["calibration_seconds"][label] = round(time.perf_counter() - t0, 1)
     log(f"{name}: calibrated {data['calibration_seconds']}")
     total = sum(s.params for s in masked_sites(cal.sites))

@@ -78,7 +78,9 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
     order = node_order(graph)
     wina = ctx.plan.score == "wina"
     orphans: list[fx.Node] = []
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten linear feeding another (LAuReL's left -> right)
     for x, members in groups.items():
+        x = replaced.get(x, x)
         for per_token, part in _calls(members):
             channel = wina and not per_token
             hint = max(ctx.implied_thresholds[m[0].module][1] if m[0].module in ctx.implied_thresholds
@@ -110,6 +112,7 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
                     item = graph.call_function(operator.getitem, (call, i))
                 item.meta.update(s.node.meta)
                 s.node.replace_all_uses_with(item)
+                replaced[s.node] = item
                 orphans.extend(s.node.all_input_nodes)
                 graph.erase_node(s.node)
                 s.rewritten = True

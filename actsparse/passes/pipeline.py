@@ -2,7 +2,7 @@
 
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
 order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
-plan against the graph's weights, route attention heads, rewrite CATS MLPs, input masks and
+plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads, rewrite CATS MLPs, input masks and
 learned predictors into actsparse ops, note which weights want input-major storage, and render
 the debug table.
 """
@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers the actsparse ops)
 from ..plan import SparsityPlan
+from .builtin_topk import lower_builtin_topk
 from .check_plan import check_plan
 from .context import PassContext
 from .find_sites import discover_sites, site_table
@@ -32,7 +33,7 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (localize_dtensor, find_sites, check_plan, insert_head_routing, insert_cats, insert_masks,
+PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_cats, insert_masks,
           insert_predictors, mark_layouts, render_table)
 
 
