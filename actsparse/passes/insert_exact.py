@@ -3,7 +3,9 @@
 A gated MLP ``down(act(gate x) * up x)`` becomes one ``actsparse::gated_mlp`` call with
 threshold 0 (mask ``|act(gate x)| > 0``: for ReLU exactly the neurons that contribute); any
 other MLP (plain, or dReLU's ``relu(gate) * relu(up)``, which the gated pattern does not
-match) gets an exact-zero input mask on its down projection, lowered by ``insert_masks``.
+match), and a gated MLP whose gate or up projection has input thresholds of its own (ReLU on
+the MLP input: exact zeros there too), gets an exact-zero input mask on its down projection,
+lowered by ``insert_masks``.
 Either way the compiled model computes the eager one. Runs before ``insert_cats``.
 """
 
@@ -29,14 +31,15 @@ def _hint(ctx: PassContext, pname: str) -> float:
     return UNMEASURED_HINT if v is None else float(v)
 
 
-def _check_clash(ctx: PassContext, s: Site, pname: str) -> None:
+def _check_clash(ctx: PassContext, pname: str) -> None:
     if pname in ctx.plan.activation_thresholds:
         raise PlanError(f"plan has both an exact rule and a CATS threshold on {pname}; an MLP takes one")
-    parts = [s] + list(s.gated.values())
-    clash = [ctx.names.get(x.module) for x in parts if ctx.names.get(x.module) in ctx.plan.thresholds]
-    if clash and s.gated:
-        raise PlanError(f"plan has both an exact rule on {pname} and input thresholds on {clash}; "
-                        "a gated MLP takes one or the other")
+
+
+def _inputs_masked(ctx: PassContext, s: Site) -> bool:
+    """Whether the plan puts input thresholds on the gate or up projection (relu-gate models:
+    their input is exactly sparse too): then those stay linears of their own."""
+    return any(ctx.names.get(x.module) in ctx.plan.thresholds for x in s.gated.values())
 
 
 def _rewrite_gated(graph: fx.Graph, s: Site, hint: float, orphans: list[fx.Node]) -> None:
@@ -71,8 +74,8 @@ def insert_exact(gm: fx.GraphModule, ctx: PassContext) -> None:
             raise PlanError(f"exact rule on {pname}, which is no MLP down projection in the traced graph "
                             f"(its role is {s.role})")
         ctx.stats.found_rules.add(pname)
-        _check_clash(ctx, s, pname)
-        if s.gated:
+        _check_clash(ctx, pname)
+        if s.gated and not _inputs_masked(ctx, s):
             _rewrite_gated(graph, s, _hint(ctx, pname), orphans)
             ctx.stats.gated_mlp_calls += 1
             ctx.stats.masked_sites += 1

@@ -3,6 +3,7 @@ down mask), compiled == eager, composing with TEAL thresholds elsewhere."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -132,10 +133,16 @@ def test_exact_and_cats_on_one_mlp_is_a_plan_error():
     assert "exact rule and a CATS" in str(pass_error(model, plan))
 
 
-def test_exact_and_input_thresholds_on_one_gated_mlp_is_a_plan_error():
+@pytest.mark.parametrize("rows", [1, 3])
+def test_input_thresholds_on_gate_up_keep_them_linears_and_mask_down_exactly(rows):
     model = relu_llama(num_hidden_layers=1)
-    plan = exact_plan(model, {"model.layers.0.mlp.up_proj": 0.1})
-    assert "input thresholds on ['model.layers.0.mlp.up_proj']" in str(pass_error(model, plan))
+    mlp = "model.layers.0.mlp."
+    plan = exact_plan(model, {mlp + "gate_proj": 0.0, mlp + "up_proj": 0.3})
+    cap, out, ids = capture(model, plan, rows)
+    assert not cap.calls(GM) and cap.ctx.stats.found_rules == {mlp + p for p in ("gate_proj", "up_proj", "down_proj")}
+    mods = sorted(m for n in cap.calls(SL) for m in cap.weight_modules(n))
+    assert mods == [mlp + "down_proj", mlp + "gate_proj", mlp + "up_proj"]
+    _close(out, reference(model, plan, ids))
 
 
 def test_exact_on_a_non_mlp_linear_is_a_plan_error():
