@@ -39,6 +39,7 @@ class DistillConfig:
     top_k: int = 0  # sample from the k most likely tokens (0: all)
     grad_clip: float = 1.0
     seed: int = 0
+    max_seconds: float = 0.0  # stop after this much training time (0: run every step)
 
     def check(self) -> DistillConfig:
         for name in ("steps", "batch_size", "seq_len", "samples", "rank"):
@@ -46,7 +47,7 @@ class DistillConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
                 raise ValueError(f"{name} must be an integer >= {2 if name == 'seq_len' else 1}, got {v!r}")
         for name, low_open in (("lr", True), ("alpha", True), ("temperature", True), ("l1", False),
-                               ("grad_clip", True)):
+                               ("grad_clip", True), ("max_seconds", False)):
             v = getattr(self, name)
             ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
                 (v > 0 if low_open else v >= 0)
@@ -190,6 +191,8 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
                 bar.update(1)
             elif callable(progress):
                 progress(step, values)
+            if cfg.max_seconds and time.perf_counter() - t1 > cfg.max_seconds:
+                break
     finally:
         if downs is not None:
             downs.remove()

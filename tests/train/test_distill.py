@@ -49,3 +49,10 @@ def test_kl_falls_over_a_few_steps(l1):
 def test_bad_config_is_a_clear_error(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         DistillConfig(**{field: value}).check()
+
+
+def test_time_budget_stops_early():
+    teacher = tiny("llama", num_hidden_layers=1)
+    student, _ = actsparse.relufy(copy.deepcopy(teacher), "relu")
+    res = distill(student, teacher, DistillConfig(steps=50, batch_size=2, seq_len=8, samples=4, max_seconds=1e-9))
+    assert len(res.kl) == 1
