@@ -166,23 +166,42 @@ def exact_plan(model: nn.Module, variant: str, mlps: list[GatedMLP], shifts: lis
     return plan
 
 
-def mlp_sparsity(model: nn.Module, tokens: torch.Tensor) -> dict[str, float]:
-    """Fraction of exact zeros in each gated MLP's down-projection input over ``tokens``."""
-    mlps = gated_mlps(model)
-    zeros = {m.part("down_proj"): [0, 0] for m in mlps}
+class ZeroCounter:
+    """Counts exact zeros in each gated MLP's down-projection input while active (a context
+    manager around any forward passes: perplexity, decoding)."""
 
-    def count(name):
+    def __init__(self, model: nn.Module) -> None:
+        self.mlps = gated_mlps(model)
+        self.counts = {m.part("down_proj"): [0, 0] for m in self.mlps}
+        self.handles: list = []
+
+    def _hook(self, name):
         def hook(mod, args):
             h = args[0]
-            zeros[name][0] += int((h == 0).sum())
-            zeros[name][1] += h.numel()
+            self.counts[name][0] += int((h == 0).sum())
+            self.counts[name][1] += h.numel()
         return hook
 
-    handles = [m.module.down_proj.register_forward_pre_hook(count(m.part("down_proj"))) for m in mlps]
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for h in handles:
+    def __enter__(self) -> ZeroCounter:
+        self.handles = [m.module.down_proj.register_forward_pre_hook(self._hook(m.part("down_proj")))
+                        for m in self.mlps]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
             h.remove()
-    return {k: z / max(n, 1) for k, (z, n) in zeros.items()}
+        self.handles = []
+
+    def sparsity(self) -> dict[str, float]:
+        return {k: z / max(n, 1) for k, (z, n) in self.counts.items()}
+
+    def mean(self) -> float:
+        sp = self.sparsity()
+        return sum(sp.values()) / max(len(sp), 1)
+
+
+def mlp_sparsity(model: nn.Module, tokens: torch.Tensor) -> dict[str, float]:
+    """Fraction of exact zeros in each gated MLP's down-projection input over ``tokens``."""
+    with ZeroCounter(model) as zc, torch.no_grad():
+        model(tokens)
+    return zc.sparsity()
