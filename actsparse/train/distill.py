@@ -157,7 +157,8 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
     teacher.eval().requires_grad_(False)  # frozen: it only gives the targets
     student.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)))
+    warmup = max(1, min(cfg.steps // 10, 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(sequences), generator=gen)
     downs = _DownInputs(student) if cfg.l1 > 0 else None
