@@ -1,4 +1,4 @@
-"""The `actsparse` command: calibrate | eval | sites.
+"""The `actsparse` command: calibrate | eval | train | sites.
 
 Each subcommand's options live next to the code they configure; this module only wires them.
 """
