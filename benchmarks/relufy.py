@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--variant", default="relu")
+    p.add_argument("--shift-sparsity", type=float, default=None,
+                   help="shifted-relu: calibrate each MLP's shift to this sparsity on 8 teacher samples")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--train-seconds", type=float, default=600.0, help="fine-tune time budget (sampling excluded)")
@@ -110,7 +112,10 @@ def main(argv=None) -> int:
     seqs = sample_sequences(teacher, args.samples + 8, args.seq_len, seed=args.seed, batch=args.sample_batch)
     sample_s = time.perf_counter() - t0
     train, held = seqs[:args.samples], seqs[args.samples:]
-    student, plan = relufy(copy.deepcopy(teacher), args.variant)
+    kw = {"tokens": train[:8], "sparsity": args.shift_sparsity} if args.shift_sparsity is not None else {}
+    student, plan = relufy(copy.deepcopy(teacher), args.variant, **kw)
+    if plan.info.get("shifts"):
+        out["shifts"] = [round(x, 4) for x in plan.info["shifts"]]
     kl0 = held_out_kl(student, teacher, held)
     row = evaluate(student, tokenizer, eval_text, args, f"{args.variant} (no fine-tune)")
     row["held_out_kl"] = round(kl0, 4)
