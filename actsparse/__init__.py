@@ -10,7 +10,7 @@ from .decode import greedy_decode
 from .plan import PlanError, SparsityPlan
 from .quant import quantize
 
-__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "greedy_decode", "models", "distributed", "quantize"]
+__all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "relufy", "greedy_decode", "models", "distributed", "quantize"]
 
 
 def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: float = 0.5, **kwargs):
@@ -18,4 +18,13 @@ def calibrate(model, tokens_or_texts, method: str = "teal-greedy", sparsity: flo
     from .calibration import calibrate as _calibrate
 
     return _calibrate(model, tokens_or_texts, method=method, sparsity=sparsity, **kwargs)
+
+
+def relufy(model, variant: str = "relu", **kwargs):
+    """Swap the MLP activation for a ReLU variant; returns (model, exact plan): see ``actsparse.train.relufy``."""
+    from .train import relufy as _relufy
+
+    return _relufy(model, variant, **kwargs)
+
+
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `actsparse` command: calibrate | eval | sites.
+"""The `actsparse` command: calibrate | eval | train | sites.
 
 Each subcommand's options live next to the code they configure; this module only wires them.
 """
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_arguments(sub.add_parser("calibrate", help="make a sparsity plan from text"))
 
+    from .train.command import add_train_arguments
+    add_train_arguments(sub.add_parser("train", help="relufy a model and fine-tune it by self-distillation"))
+
     sites = sub.add_parser("sites", help="print the table of sites the backend finds in a model")
     sites.add_argument("--model", default="smollm2-135m")
     sites.add_argument("--plan", default=None, help="show this plan's rule for each site")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from .calibration.command import run_calibrate_command
 
         return run_calibrate_command(args)
+    if args.command == "train":
+        from .train.command import run_train_command
+
+        return run_train_command(args)
     if args.command == "sites":
         return _sites_command(args)
     return 2

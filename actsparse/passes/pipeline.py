@@ -2,7 +2,7 @@
 
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
 order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
-plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads, rewrite CATS MLPs, input masks and
+plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads, turn exact (ReLU-family) rules into zero-threshold masks, rewrite CATS MLPs, input masks and
 learned predictors into actsparse ops, note which weights want input-major storage, and render
 the debug table.
 """
@@ -18,6 +18,7 @@ from .check_plan import check_plan
 from .context import PassContext
 from .find_sites import discover_sites, site_table
 from .insert_cats import insert_cats
+from .insert_exact import insert_exact
 from .insert_head_routing import insert_head_routing
 from .insert_masks import insert_masks
 from .insert_predictors import insert_predictors
@@ -33,7 +34,7 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_cats, insert_masks,
+PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_exact, insert_cats, insert_masks,
           insert_predictors, mark_layouts, render_table)
 
 
