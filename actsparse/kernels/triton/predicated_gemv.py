@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
-from actsparse.kernels.triton.sparse_gemv import _fma, _load_tile
+from actsparse.kernels.triton.sparse_gemv import _fma, _load_tile, _row_cutoffs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,10 +54,7 @@ def _predicated_tile(X, stride_xm, stride_xk, RS, WS, W, swn, swk, N, thr, CT, b
     n_ok = offs_n < N
     offs_m = tl.arange(0, M_PAD)
     m_ok = offs_m < M
-    if HAS_ROW_SCALE:
-        cutoff = thr * tl.load(RS + offs_m, mask=m_ok, other=1.0).to(tl.float32)
-    else:
-        cutoff = tl.zeros([M_PAD], dtype=tl.float32) + thr
+    cutoff = _row_cutoffs(thr, RS, offs_m, m_ok, HAS_ROW_SCALE, M_PAD)
     if M_PAD == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:

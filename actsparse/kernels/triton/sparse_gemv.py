@@ -73,6 +73,16 @@ MIN_BLOCK_N = 16  # the smallest BLOCK_N of any config: sizes the counter buffer
 
 
 @triton.jit
+def _row_cutoffs(thr, RS, offs_m, m_ok, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr):
+    """Each row's cutoff: the threshold, times the row's scale where one is given (per-token rules)."""
+    if HAS_ROW_SCALE:
+        cutoff = thr * tl.load(RS + offs_m, mask=m_ok, other=1.0).to(tl.float32)
+    else:
+        cutoff = tl.zeros([M_PAD], dtype=tl.float32) + thr
+    return cutoff
+
+
+@triton.jit
 def _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok, cutoff,
                CT, UNION_KNOWN: tl.constexpr, HAS_CT: tl.constexpr, W_EVICT: tl.constexpr = ""):
     """Issue the loads of one step: x[:, rows] and the weight rows some batch row needs.
@@ -129,10 +139,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
     n_ok = offs_n < N
     offs_m = tl.arange(0, M_PAD)
     m_ok = offs_m < M
-    if HAS_ROW_SCALE:
-        cutoff = thr * tl.load(RS + offs_m, mask=m_ok, other=1.0).to(tl.float32)
-    else:
-        cutoff = tl.zeros([M_PAD], dtype=tl.float32) + thr
+    cutoff = _row_cutoffs(thr, RS, offs_m, m_ok, HAS_ROW_SCALE, M_PAD)
     if M_PAD == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
