@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 WORLD = 2
-TIMEOUT_S = 150  # a bound, not the expected time (about 20-30 s on a 2-core machine)
+TIMEOUT_S = 400  # a bound against hangs, not the expected time (about 20-30 s on an idle 2-core machine)
 
 
 def _gloo_missing() -> str | None:
@@ -226,4 +226,4 @@ def test_tensor_parallel_equals_single_process_masked_reference(tmp_path):
 
 @pytest.mark.slow
 def test_tensor_parallel_through_inductor_equals_masked_reference(tmp_path):
-    _check(_spawn(tmp_path, INDUCTOR_CASES, timeout_s=420), INDUCTOR_CASES)
+    _check(_spawn(tmp_path, INDUCTOR_CASES, timeout_s=900), INDUCTOR_CASES)
