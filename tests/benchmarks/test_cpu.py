@@ -45,3 +45,28 @@ def test_record_masks_one_mask_per_decode_step():
     for name, seq in masks.items():
         assert len(seq) == 5 and seq[0].dtype == torch.bool
         assert seq[0].numel() == model.get_submodule(name).in_features
+
+
+def test_record_masks_exact_and_topk():
+    """A relufied model's masks are its down inputs' nonzeros; top-k masks have k entries."""
+    from benchmarks.overlap import down_projections, summarize
+    from actsparse.train import relufy
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    downs = down_projections(model)
+    topk = record_masks(model, None, ids, new_tokens=4, topk={n: 0.25 for n in downs})
+    k = round(0.25 * model.get_submodule(downs[0]).in_features)
+    assert set(topk) == set(downs) and all(int(m.sum()) == k for seq in topk.values() for m in seq)
+    relu, plan = relufy(model, "relu")
+    seen = {}
+    hooks = [relu.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0][0, -1] != 0)) for n in downs]
+    masks = record_masks(relu, plan, ids, new_tokens=4)
+    for h in hooks:
+        h.remove()
+    assert set(masks) == set(downs)
+    for n in downs:
+        assert len(masks[n]) == 4 and torch.equal(masks[n][-1], seen[n][-1])
+    s = summarize(masks, {n: "mlp_down" for n in downs})
+    assert 0.0 < s["by_role"]["mlp_down"]["density"] < 1.0
