@@ -70,3 +70,30 @@ def test_record_masks_exact_and_topk():
         assert len(masks[n]) == 4 and torch.equal(masks[n][-1], seen[n][-1])
     s = summarize(masks, {n: "mlp_down" for n in downs})
     assert 0.0 < s["by_role"]["mlp_down"]["density"] < 1.0
+
+
+def test_relufied_run_interleaves_and_checks(tmp_path):
+    """The relufied comparison on a tiny model: four rows timed in rounds, the exact plan
+    checked against the eager relufied model."""
+    import argparse
+    import copy
+
+    from benchmarks.cpu_decode import relufied_run
+    from actsparse.train import add_lora, relufy, save_adapters
+
+    base = tiny("llama")
+    student, plan = relufy(copy.deepcopy(base), "relu")
+    add_lora(student, rank=2)
+    path = tmp_path / "a.safetensors"
+    save_adapters(student, path, info=plan.info)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    args = argparse.Namespace(adapters=str(path), sparsity=[], method="teal", calib_tokens=64, new_tokens=4,
+                              repeats=2)
+    result = {"device": "CPU", "rows": []}
+    relufied_run(base, None, None, ids, 16, args, result)
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["dense (inductor)", "relufied relu dense (inductor)", "relufied relu exact (sparse)"]
+    assert len(result["loadavg_rounds"]) == 2
+    exact = result["rows"][-1]
+    assert len(exact["runs"]) == 2 and exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+    assert 0.0 < exact["sparsity"] < 1.0 and exact["vs_dense"] > 0
