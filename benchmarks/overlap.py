@@ -133,7 +133,9 @@ def variant_row(label: str, summary: dict[str, Any], **extra) -> dict[str, Any]:
     """One variant of the multi-variant result: MLP-down figures first (the neurons)."""
     down = summary["by_role"].get("mlp_down", {})
     return {"variant": label, "mlp_sparsity": round(1 - down["density"], 4) if down else None,
-            "overlap_mlp_down": down.get("overlap_mean"), **extra,
+            "overlap_mlp_down": down.get("overlap_mean"),
+            # what independent draws at this density would overlap: the lift over chance
+            "overlap_if_independent": down.get("density"), **extra,
             "overall_overlap_mean": summary["overall_overlap_mean"], "by_role": summary["by_role"],
             "linears": summary["rows"]}
 

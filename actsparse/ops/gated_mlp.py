@@ -5,8 +5,9 @@ and down_proj column are skipped. Input-sparse weights: ``w_down`` (input-major)
 stays row-major (read output-sparse, a neuron's row contiguous).
 
 Dispatch: the Triton kernels for few rows on CUDA where the cost model favours them (no bias,
-fixed threshold); a gather of the active neurons for few rows on the CPU; else the masked
-dense form.
+fixed threshold); for few rows on the CPU, up on a gather of the active neurons' rows and down
+through the native input-sparse kernel (it reads the active rows of the input-major ``w_down``
+in place: no gathered copy, as ``sparse_linear`` does); else the masked dense form.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .dense import masked_gated_mlp
 from .dispatch import choose
 from .limits import CPU_GATHER_MAX_DENSITY
 from .reference import activation, gated_mlp_reference, input_mask
-from .sparse_linear import gather_rows, reserve_sparse_gemv
+from .sparse_linear import cpu_linear, gather_rows, reserve_sparse_gemv
 from .spec import define_op
 
 
@@ -39,6 +40,11 @@ def up_down_gathered(x2: Tensor, idx: Tensor, on: Tensor, g: Tensor, w_up: Tenso
     on those neurons ([rows, len(idx)])."""
     up = F.linear(x2, w_up.index_select(0, idx), None if b_up is None else b_up[idx])
     h = torch.where(on, g * up, torch.zeros((), dtype=g.dtype))
+    if h.dtype == w_down.dtype and w_down.t().is_contiguous():
+        # scatter to full width and let the native kernel skip the zeros (threshold 0: a zero
+        # contributes nothing), reading each active row of w_down^T once, uncopied
+        full = h.new_zeros(h.shape[0], w_down.shape[1]).index_copy_(1, idx, h)
+        return cpu_linear(full, w_down, b_down, 0.0, False)
     out = h @ gather_rows(w_down, idx)
     return out if b_down is None else out + b_down
 

@@ -104,3 +104,20 @@ def test_ops_work_under_torch_compile(fn):
     ref = f(x)
     for g, r in zip(got if isinstance(got, list) else [got], ref if isinstance(ref, list) else [ref]):
         torch.testing.assert_close(g, r)
+
+
+def test_gated_mlp_cpu_down_reads_input_major_in_place(monkeypatch):
+    """Few rows on the CPU: the down projection goes through the input-sparse linear path (the
+    native kernel where built) on the full-width activation, not a gathered copy."""
+    import actsparse.ops.gated_mlp as gm
+
+    seen = []
+    real = gm.cpu_linear
+    monkeypatch.setattr(gm, "cpu_linear", lambda h, w, *a: seen.append(h.shape) or real(h, w, *a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 16, generator=gen)
+    wg, wu = (torch.randn(32, 16, generator=gen) for _ in range(2))
+    wd = _weight(16, 32, torch.float32, "input-major", gen)
+    got = torch.ops.actsparse.gated_mlp(x, wg, wu, wd, None, None, None, "relu", 0.0, False, 0.5)
+    assert seen == [(1, 32)]
+    _assert_close(got, gated_mlp_reference(x, wg, wu, wd, None, None, None, "relu", 0.0, False), torch.float32)
