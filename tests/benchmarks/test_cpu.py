@@ -97,3 +97,22 @@ def test_relufied_run_interleaves_and_checks(tmp_path):
     exact = result["rows"][-1]
     assert len(exact["runs"]) == 2 and exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
     assert 0.0 < exact["sparsity"] < 1.0 and exact["vs_dense"] > 0
+
+
+def test_random_relu_run_rows(monkeypatch):
+    """The random-ReLU mode on a tiny stand-in for the shaped model: dense and exact rows, the
+    exact one with its byte bound and a clean check against the eager model."""
+    import argparse
+
+    import actsparse.models as models
+    from benchmarks.cpu_decode import random_relu_run
+
+    monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2)
+    result = {"device": "CPU", "rows": []}
+    random_relu_run(args, result)
+    dense, exact = result["rows"]
+    assert dense["variant"] == "relu dense (inductor)" and dense["vs_dense"] == 1.0
+    assert 0.2 < exact["sparsity"] < 0.8  # random weights: about half the neurons are zero
+    assert 0 < exact["weight_bytes_fraction"] < 1 and exact["speedup_bound_from_bytes"] > 1
+    assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
