@@ -18,8 +18,9 @@ shared machine the variants' repeats are interleaved (every variant compiled fir
 own copy of the model; then round after round, one decode of each), the medians compared, and
 the load average recorded with every round:
 
-    python -m benchmarks.cpu_decode --sparsity 0.5 --threads 1 --repeats 7 \
-        --adapters relufy_smollm2-135m.adapters.safetensors --out benchmarks/results/cpu_decode_relufied_smollm2-135m.json
+    python -m benchmarks.cpu_decode --sparsity 0.5 --threads 1 --repeats 7 \\
+        --adapters relufy_smollm2-135m.adapters.safetensors \\
+        --out benchmarks/results/cpu_decode_relufied_smollm2-135m.json
 """
 
 from __future__ import annotations

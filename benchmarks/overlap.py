@@ -15,8 +15,8 @@ density: per step, the largest ``|h|`` of each down-projection input (observed, 
 With either option the result is one row per variant (TEAL plan first), each with its
 overlaps by role:
 
-    python -m benchmarks.overlap --sparsity 0.5 --topk-density 0.34 0.2 \
-        --adapters relu.adapters.safetensors shifted.adapters.safetensors \
+    python -m benchmarks.overlap --sparsity 0.5 --topk-density 0.34 0.2 \\
+        --adapters relu.adapters.safetensors shifted.adapters.safetensors \\
         --out benchmarks/results/overlap_relufied_smollm2-135m.json
 """
 

@@ -132,7 +132,8 @@ def test_gated_mlp_cpu_up_reads_rows_in_place(monkeypatch):
         pytest.skip("native CPU kernel could not be built")
     seen = []
     real = gm.native.output_sparse_linear
-    monkeypatch.setattr(gm.native, "output_sparse_linear", lambda x, w, idx: seen.append(idx.numel()) or real(x, w, idx))
+    monkeypatch.setattr(gm.native, "output_sparse_linear",
+                        lambda x, w, idx: seen.append(idx.numel()) or real(x, w, idx))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, generator=gen)
     wg, wu = (torch.randn(32, 16, generator=gen) for _ in range(2))
