@@ -11,6 +11,16 @@ timed tokens must be zero (a recompiling variant is an error, not a slow row), a
 greedy tokens are compared with the eager model under the same masks (the hook reference).
 
     python -m benchmarks.cpu_decode --model smollm2-135m --sparsity 0.5 --out benchmarks/results/cpu_decode_smollm2-135m.json
+
+A relufied model (``--adapters``, an adapter file of ``benchmarks.relufy``, rebuilt from the
+base model) is timed against dense ``torch.compile`` of itself and of the original model. On a
+shared machine the variants' repeats are interleaved (every variant compiled first, each on its
+own copy of the model; then round after round, one decode of each), the medians compared, and
+the load average recorded with every round:
+
+    python -m benchmarks.cpu_decode --sparsity 0.5 --threads 1 --repeats 7 \\
+        --adapters relufy_smollm2-135m.adapters.safetensors \\
+        --out benchmarks/results/cpu_decode_relufied_smollm2-135m.json
 """
 
 from __future__ import annotations
@@ -89,6 +99,44 @@ def time_variant(model, backend, ids: torch.Tensor, new_tokens: int, repeats: in
             "tokens": toks, "_step": step, "_cache": cache}
 
 
+def compile_variant(model, backend, ids: torch.Tensor, new_tokens: int, max_cache_len: int) -> dict[str, Any]:
+    """Compile ``model.forward`` with ``backend`` (no Dynamo reset: several variants live in one
+    process, each guarded on its own model) and decode once at full length (warm-up)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    step = model.forward if backend is None else torch.compile(model.forward, backend=backend, fullgraph=True)
+    t = time.perf_counter()
+    decode_loop(model, step, ids, 4, cache)
+    compile_s = time.perf_counter() - t
+    decode_loop(model, step, ids, new_tokens, cache)
+    return {"model": model, "step": step, "cache": cache, "compile_and_first_s": compile_s}
+
+
+def time_interleaved(variants: dict[str, dict[str, Any]], ids: torch.Tensor, new_tokens: int,
+                     repeats: int) -> tuple[dict[str, dict[str, Any]], list[list[float]]]:
+    """Round after round, one timed decode of each variant (noise on a shared machine hits them
+    alike); per variant the median rate, all rates and the tokens; and the load average
+    (1, 5, 15 min) after each round. A recompilation during the rounds is an error."""
+    import os
+
+    before = compile_count()
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    toks: dict[str, list[int]] = {}
+    load = []
+    for _ in range(repeats):
+        for name, v in variants.items():
+            toks[name], s = decode_loop(v["model"], v["step"], ids, new_tokens, v["cache"])
+            rates[name].append(new_tokens / s)
+        load.append([round(x, 2) for x in os.getloadavg()])
+    recompiles = compile_count() - before
+    if recompiles:
+        raise RuntimeError(f"{recompiles} recompilation(s) during timed decoding: the figure would "
+                           "measure compilation, not decoding")
+    return ({k: {"tokens_per_s": statistics.median(r), "runs": r, "tokens": toks[k]} for k, r in rates.items()},
+            load)
+
+
 def check_against_reference(model, step, plan, ids: torch.Tensor, new_tokens: int,
                             max_cache_len: int, cache=None) -> dict[str, float]:
     """The compiled step against the eager model masked by hooks, on the same tokens.
@@ -151,7 +199,7 @@ def agreement(a: list[int], b: list[int]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.5])
     p.add_argument("--method", default="teal", help="calibration method of the sparse plans")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -159,8 +207,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--data", default=None)
     p.add_argument("--eager", action="store_true", help="also time the uncompiled model")
+    p.add_argument("--adapters", default=None,
+                   help="a relufied model's adapter file: time it (exact plan, sparse backend) against dense "
+                        "compiled of itself and of the original model, repeats interleaved")
+    p.add_argument("--random-relu", default=None, metavar="SHAPE",
+                   help="instead: a random model of these Llama-3 shapes (actsparse.models.shaped, e.g. llama3-1b) "
+                        "with ReLU MLPs, dense compiled against its exact plan")
+    p.add_argument("--layers", type=int, default=None, help="--random-relu: number of decoder layers")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+
+    if args.random_relu:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = {"command": "python -m benchmarks.cpu_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "dtype": "float32", "device": f"CPU {platform.machine()}", "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": []}
+        random_relu_run(args, result)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        for r in result["rows"]:
+            print(f"{r['variant']:>30}: {r['tok_s']:7.2f} tok/s  x{r['vs_dense']:.2f}")
+        return 0
 
     import actsparse
     from actsparse.calibration.data import wikitext2_split
@@ -188,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
+
+    if args.adapters:
+        relufied_run(model, calib, tok, ids, cache_len, args, result)
+        save()
+        for r in result["rows"]:
+            extra = f"  (x{r['vs_relufied_dense']:.2f} vs relufied dense)" if r.get("vs_relufied_dense") else ""
+            print(f"{r['variant']:>40}: {r['tok_s']:7.2f} tok/s  x{r['vs_dense']:.2f}{extra}")
+        return 0
 
     variants: list[tuple[str, Any, Any]] = []
     if args.eager:
@@ -222,6 +299,112 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         print(f"{r['variant']:>20}: {r['tokens_per_s']:7.2f} tok/s  x{r.get('speedup_vs_dense_inductor', float('nan')):.2f}")
     return 0
+
+
+LOAD_NOTE = ("2-core machine shared with other jobs: variants interleaved round by round, medians compared; "
+             "the load average (1, 5, 15 min) after each round is in loadavg_rounds")
+
+
+def weight_bytes_bound(model, mlp_sparsity: float) -> dict[str, float]:
+    """What skipping the up rows and down columns of zero neurons can save at best: the
+    fraction of a decode step's weight bytes still read (gate in full, every other weight in
+    full, the LM head included), and its inverse, the bandwidth-bound speedup."""
+    from actsparse.train import gated_mlps
+
+    total = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the head
+    saved = sum((m.module.up_proj.weight.numel() + m.module.down_proj.weight.numel())
+                for m in gated_mlps(model)) * mlp_sparsity
+    frac = (total - saved) / total
+    return {"weight_bytes_fraction": round(frac, 4), "speedup_bound_from_bytes": round(1 / frac, 3)}
+
+
+def relufied_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, result: dict[str, Any]) -> None:
+    """Original dense, TEAL plans (``--sparsity``), relufied dense and relufied exact: each on
+    its own copy of the model, compiled, then timed in interleaved rounds."""
+    import copy
+    import os
+
+    import actsparse
+    from actsparse.train import read_adapters, rebuild
+
+    meta = read_adapters(args.adapters)[1]
+    relu_dense, plan = rebuild(copy.deepcopy(model), args.adapters)
+    relu_dense.eval()
+    result.update(cpu=result["device"], adapters=os.path.basename(args.adapters), relufy_variant=meta.get("variant"))
+    specs: list[tuple[str, Any, Any, Any, float]] = [("dense (inductor)", model, "inductor", None, 0.0)]
+    for s in args.sparsity:
+        tplan = actsparse.calibrate(model, calib, method=args.method, sparsity=s, tokenizer=tok,
+                                    token_budget=args.calib_tokens)
+        m = copy.deepcopy(model)
+        actsparse.prepare(m, tplan)
+        specs.append((f"{args.method} {s:.0%} (sparse)", m, actsparse.backend(tplan), tplan, s))
+    interleaved_relu_run(specs, relu_dense, plan, f"relufied {meta.get('variant')}", ids, cache_len, args, result)
+
+
+def interleaved_relu_run(specs: list, relu_dense, plan, label: str, ids: torch.Tensor, cache_len: int, args,
+                         result: dict[str, Any]) -> None:
+    """``specs`` (name, model, backend, plan, sparsity) plus the relufied model dense compiled and
+    with its exact plan (a copy, prepared); compiled, timed in rounds, one row each. ``vs_dense``
+    is against the first variant."""
+    import copy
+    import os
+
+    import actsparse
+    from actsparse.train import mlp_sparsity
+
+    relu_sparse = copy.deepcopy(relu_dense)
+    sp = mlp_sparsity(relu_dense, ids)
+    relu_s = sum(sp.values()) / len(sp)
+    actsparse.prepare(relu_sparse, plan)
+    specs = list(specs) + [(f"{label} dense (inductor)", relu_dense, "inductor", None, relu_s),
+                           (f"{label} exact (sparse)", relu_sparse, actsparse.backend(plan), plan, relu_s)]
+    result.update(loadavg_start=[round(x, 2) for x in os.getloadavg()], note=LOAD_NOTE)
+    compiled = {}
+    for name, m, be, _, _ in specs:
+        print(f"[cpu_decode] compiling {name} ...", file=sys.stderr, flush=True)
+        compiled[name] = compile_variant(m, be, ids, args.new_tokens, cache_len)
+    timed, load = time_interleaved(compiled, ids, args.new_tokens, args.repeats)
+    result["loadavg_rounds"] = load
+    dense = timed[specs[0][0]]["tokens_per_s"]
+    rdense = timed[specs[-2][0]]["tokens_per_s"]
+    for name, m, be, p, s in specs:
+        t = timed[name]
+        row = {"variant": name, "batch": 1, "sparsity": round(s, 4), "tok_s": round(t["tokens_per_s"], 3),
+               "vs_dense": round(t["tokens_per_s"] / dense, 4), "runs": [round(x, 3) for x in t["runs"]],
+               "compile_and_first_s": round(compiled[name]["compile_and_first_s"], 1), "tokens": t["tokens"]}
+        if name.startswith(label):
+            row["vs_relufied_dense"] = round(t["tokens_per_s"] / rdense, 4)
+            row["sparsity_note"] = "MLP sparsity (exact zeros of the activation) over the prompt"
+        elif p is not None:
+            row["sparsity_note"] = "TEAL target sparsity of the plan"
+        if name == specs[-1][0]:
+            row.update(weight_bytes_bound(m, s))
+            row["greedy_prefix_agreement_with_relufied_dense"] = agreement(t["tokens"], timed[specs[-2][0]]["tokens"])
+        if p is not None:
+            c = compiled[name]
+            row["check_vs_masked_eager"] = check_against_reference(m, c["step"], p, ids, args.new_tokens,
+                                                                   cache_len, c["cache"])
+        result["rows"].append(row)
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+
+def random_relu_run(args, result: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """A random model of real Llama-3 shapes with its MLP activation swapped for ReLU (no
+    fine-tune: random gate pre-activations are symmetric, so about half the neurons are zero):
+    dense compiled against its exact plan. Returns the prompt ids and cache length used."""
+    import actsparse
+    from actsparse.models import shaped
+
+    model = shaped(args.random_relu, dtype=torch.float32, device="cpu", num_layers=args.layers)
+    relu, plan = actsparse.relufy(model, "relu")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen)
+    cache_len = ids.shape[1] + args.new_tokens + 8
+    result.update(cpu=result["device"], model=f"random {args.random_relu}-shaped, ReLU MLPs",
+                  layers=model.config.num_hidden_layers, prompt_tokens=ids.shape[1],
+                  weights="random N(0, 1/fan_in), no fine-tune: ReLU zeroes about half the neurons")
+    interleaved_relu_run([], relu, plan, "relu", ids, cache_len, args, result)
+    return ids, cache_len
 
 
 if __name__ == "__main__":

@@ -233,8 +233,13 @@ def bench_layout(name, R, C, overlap, sparsity, args, flush, dtype) -> dict:
 def load_overlap_json(path: str) -> list[dict]:
     """Measured overlaps: ``{"name": 0.83, ...}``, or ``{"sites": {...}}`` / ``{"overlaps": {...}}``
     whose values are floats or ``{"overlap": o, "sparsity": s?, "rows": R?, "cols": C?}``.
-    Entries with rows/cols are benchmarked at their own shape, the others at every ``--shapes``."""
+    Entries with rows/cols are benchmarked at their own shape, the others at every ``--shapes``.
+    A multi-variant result of ``benchmarks.overlap`` (``"rows"`` of variants) gives each
+    variant's MLP-down overlap and MLP sparsity."""
     data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"] and "variant" in data["rows"][0]:
+        return [{"name": r["variant"], "overlap": float(r["overlap_mlp_down"]), "sparsity": float(r["mlp_sparsity"])}
+                for r in data["rows"] if r.get("overlap_mlp_down") is not None]
     if isinstance(data, dict):
         for key in ("sites", "overlaps"):
             if key in data and isinstance(data[key], dict):

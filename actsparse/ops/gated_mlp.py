@@ -5,8 +5,10 @@ and down_proj column are skipped. Input-sparse weights: ``w_down`` (input-major)
 stays row-major (read output-sparse, a neuron's row contiguous).
 
 Dispatch: the Triton kernels for few rows on CUDA where the cost model favours them (no bias,
-fixed threshold); a gather of the active neurons for few rows on the CPU; else the masked
-dense form.
+fixed threshold); for few rows on the CPU, up and down on the active neurons through the native
+kernels, which read the active rows of ``w_up`` and of the input-major ``w_down`` in place (no
+gathered copy, as ``sparse_linear`` does; a gather where they cannot be built); else the
+masked dense form.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import cpu as native
 from .dense import masked_gated_mlp
 from .dispatch import choose
 from .limits import CPU_GATHER_MAX_DENSITY
 from .reference import activation, gated_mlp_reference, input_mask
-from .sparse_linear import gather_rows, reserve_sparse_gemv
+from .sparse_linear import cpu_linear, gather_rows, reserve_sparse_gemv
 from .spec import define_op
 
 
@@ -37,8 +40,19 @@ def up_down_gathered(x2: Tensor, idx: Tensor, on: Tensor, g: Tensor, w_up: Tenso
                      b_up: Optional[Tensor], b_down: Optional[Tensor]) -> Tensor:
     """Up and down on the neurons ``idx`` only; ``on`` and ``g`` are the mask and activated gate
     on those neurons ([rows, len(idx)])."""
-    up = F.linear(x2, w_up.index_select(0, idx), None if b_up is None else b_up[idx])
+    up = None
+    if x2.dtype == w_up.dtype and w_up.is_contiguous():
+        up = native.output_sparse_linear(x2, w_up, idx)  # the active rows read in place
+        if up is not None and b_up is not None:
+            up = up + b_up[idx]
+    if up is None:
+        up = F.linear(x2, w_up.index_select(0, idx), None if b_up is None else b_up[idx])
     h = torch.where(on, g * up, torch.zeros((), dtype=g.dtype))
+    if h.dtype == w_down.dtype and w_down.t().is_contiguous():
+        # scatter to full width and let the native kernel skip the zeros (threshold 0: a zero
+        # contributes nothing), reading each active row of w_down^T once, uncopied
+        full = h.new_zeros(h.shape[0], w_down.shape[1]).index_copy_(1, idx, h)
+        return cpu_linear(full, w_down, b_down, 0.0, False)
     out = h @ gather_rows(w_down, idx)
     return out if b_down is None else out + b_down
 

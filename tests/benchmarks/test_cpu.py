@@ -45,3 +45,74 @@ def test_record_masks_one_mask_per_decode_step():
     for name, seq in masks.items():
         assert len(seq) == 5 and seq[0].dtype == torch.bool
         assert seq[0].numel() == model.get_submodule(name).in_features
+
+
+def test_record_masks_exact_and_topk():
+    """A relufied model's masks are its down inputs' nonzeros; top-k masks have k entries."""
+    from benchmarks.overlap import down_projections, summarize
+    from actsparse.train import relufy
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    downs = down_projections(model)
+    topk = record_masks(model, None, ids, new_tokens=4, topk={n: 0.25 for n in downs})
+    k = round(0.25 * model.get_submodule(downs[0]).in_features)
+    assert set(topk) == set(downs) and all(int(m.sum()) == k for seq in topk.values() for m in seq)
+    relu, plan = relufy(model, "relu")
+    seen = {}
+    hooks = [relu.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0][0, -1] != 0)) for n in downs]
+    masks = record_masks(relu, plan, ids, new_tokens=4)
+    for h in hooks:
+        h.remove()
+    assert set(masks) == set(downs)
+    for n in downs:
+        assert len(masks[n]) == 4 and torch.equal(masks[n][-1], seen[n][-1])
+    s = summarize(masks, {n: "mlp_down" for n in downs})
+    assert 0.0 < s["by_role"]["mlp_down"]["density"] < 1.0
+
+
+def test_relufied_run_interleaves_and_checks(tmp_path):
+    """The relufied comparison on a tiny model: four rows timed in rounds, the exact plan
+    checked against the eager relufied model."""
+    import argparse
+    import copy
+
+    from benchmarks.cpu_decode import relufied_run
+    from actsparse.train import add_lora, relufy, save_adapters
+
+    base = tiny("llama")
+    student, plan = relufy(copy.deepcopy(base), "relu")
+    add_lora(student, rank=2)
+    path = tmp_path / "a.safetensors"
+    save_adapters(student, path, info=plan.info)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    args = argparse.Namespace(adapters=str(path), sparsity=[], method="teal", calib_tokens=64, new_tokens=4,
+                              repeats=2)
+    result = {"device": "CPU", "rows": []}
+    relufied_run(base, None, None, ids, 16, args, result)
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["dense (inductor)", "relufied relu dense (inductor)", "relufied relu exact (sparse)"]
+    assert len(result["loadavg_rounds"]) == 2
+    exact = result["rows"][-1]
+    assert len(exact["runs"]) == 2 and exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+    assert 0.0 < exact["sparsity"] < 1.0 and exact["vs_dense"] > 0
+
+
+def test_random_relu_run_rows(monkeypatch):
+    """The random-ReLU mode on a tiny stand-in for the shaped model: dense and exact rows, the
+    exact one with its byte bound and a clean check against the eager model."""
+    import argparse
+
+    import actsparse.models as models
+    from benchmarks.cpu_decode import random_relu_run
+
+    monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2)
+    result = {"device": "CPU", "rows": []}
+    random_relu_run(args, result)
+    dense, exact = result["rows"]
+    assert dense["variant"] == "relu dense (inductor)" and dense["vs_dense"] == 1.0
+    assert 0.2 < exact["sparsity"] < 0.8  # random weights: about half the neurons are zero
+    assert 0 < exact["weight_bytes_fraction"] < 1 and exact["speedup_bound_from_bytes"] > 1
+    assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3

@@ -77,3 +77,24 @@ def test_disabled_kernel_falls_back_to_gather(monkeypatch):
     x = torch.randn(2, 40)
     got = torch.ops.actsparse.sparse_linear(x, [w], [None], [0.4], True, 0.5)[0]
     torch.testing.assert_close(got, sparse_linear_reference(x, [w], [None], [0.4], per_token=True)[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), k=st.integers(1, 70), n=st.integers(1, 40), dtype=st.sampled_from(list(TOL)),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_output_sparse_kernel_matches_reference(rows, k, n, dtype, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    idx = (torch.rand(n, generator=gen) < density).nonzero().squeeze(1)
+    got = cpu.output_sparse_linear(x, w, idx)
+    assert got.dtype == dtype and got.shape == (rows, idx.numel())
+    if idx.numel():
+        _close(got, F.linear(x.float(), w.float()[idx]), dtype)
+
+
+def test_output_sparse_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.output_sparse_linear(torch.randn(1, 4), torch.randn(3, 4), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu.output_sparse_linear(torch.randn(1, 5), torch.randn(3, 4), torch.tensor([0]))

@@ -104,3 +104,41 @@ def test_ops_work_under_torch_compile(fn):
     ref = f(x)
     for g, r in zip(got if isinstance(got, list) else [got], ref if isinstance(ref, list) else [ref]):
         torch.testing.assert_close(g, r)
+
+
+def test_gated_mlp_cpu_down_reads_input_major_in_place(monkeypatch):
+    """Few rows on the CPU: the down projection goes through the input-sparse linear path (the
+    native kernel where built) on the full-width activation, not a gathered copy."""
+    import actsparse.ops.gated_mlp as gm
+
+    seen = []
+    real = gm.cpu_linear
+    monkeypatch.setattr(gm, "cpu_linear", lambda h, w, *a: seen.append(h.shape) or real(h, w, *a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 16, generator=gen)
+    wg, wu = (torch.randn(32, 16, generator=gen) for _ in range(2))
+    wd = _weight(16, 32, torch.float32, "input-major", gen)
+    got = torch.ops.actsparse.gated_mlp(x, wg, wu, wd, None, None, None, "relu", 0.0, False, 0.5)
+    assert seen == [(1, 32)]
+    _assert_close(got, gated_mlp_reference(x, wg, wu, wd, None, None, None, "relu", 0.0, False), torch.float32)
+
+
+def test_gated_mlp_cpu_up_reads_rows_in_place(monkeypatch):
+    """Few rows on the CPU: the up projection of the active neurons goes through the native
+    output-sparse kernel (where built) instead of a gathered copy of their rows."""
+    import actsparse.ops.gated_mlp as gm
+
+    if gm.native.load() is None:
+        pytest.skip("native CPU kernel could not be built")
+    seen = []
+    real = gm.native.output_sparse_linear
+    monkeypatch.setattr(gm.native, "output_sparse_linear",
+                        lambda x, w, idx: seen.append(idx.numel()) or real(x, w, idx))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, generator=gen)
+    wg, wu = (torch.randn(32, 16, generator=gen) for _ in range(2))
+    wd = _weight(16, 32, torch.float32, "input-major", gen)
+    bs = [torch.randn(n, generator=gen) for n in (32, 32, 16)]
+    got = torch.ops.actsparse.gated_mlp(x, wg, wu, wd, *bs, "relu", 0.0, False, 0.5)
+    assert len(seen) == 1 and 0 < seen[0] < 32
+    _assert_close(got, gated_mlp_reference(x, wg, wu, wd, *bs, "relu", 0.0, False), torch.float32)

@@ -66,3 +66,13 @@ def input_sparse_linear(x, wt, threshold: float, channel_thresholds=None, parts:
     if parts is None:
         parts = torch.get_num_threads()
     return mod.input_sparse_linear(x, wt, float(threshold), channel_thresholds, int(parts))
+
+
+def output_sparse_linear(x, w, idx):
+    """``F.linear(x, w[idx])`` reading the rows ``idx`` of the row-major ``w`` ([N, K],
+    contiguous) in place, with no gathered copy (a gated MLP's up projection on its active
+    neurons). Returns None where the kernel is unavailable."""
+    mod = load()
+    if mod is None or not hasattr(mod, "output_sparse_linear"):
+        return None
+    return mod.output_sparse_linear(x, w, idx)
