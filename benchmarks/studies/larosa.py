@@ -31,6 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.harness import log, write_json  # noqa: E402
 
 
+def markdown(data: dict) -> str:
+    """The study's table: perplexity on both texts and the increase over dense, per target."""
+    cfg, rows = data["config"], data["rows"]
+    dense = next(r for r in rows if r["variant"] == "dense")
+    lines = [f"# Rotated activations (LaRoSA-style) on {cfg['model']}", "", f"Command: `{cfg['command']}`", "",
+             f"Calibration: {cfg['calibration_text']} ({cfg['calib_tokens']} tokens for the plans, "
+             f"{data.get('rotation_tokens_used', cfg['rotation_tokens'])} for the rotations); perplexity: "
+             f"{cfg['evaluation_text']} and {cfg['second_text']}, first {cfg['eval_tokens']} tokens of each in "
+             f"windows of {cfg['window']}; {cfg['evaluation']}; {cfg['sparsity']}.", "",
+             "| variant | target | ppl wikitext2 | increase | ppl lambada | increase |", "|---|---|---|---|---|---|",
+             f"| dense | | {dense['ppl_wikitext2']:.2f} | | {dense['ppl_lambada']:.2f} | |"]
+    for r in sorted((r for r in rows if r["variant"] != "dense"), key=lambda r: (r["target"], r["variant"])):
+        lines.append(f"| {r['variant']} | {r['target']:.2f} | {r['ppl_wikitext2']:.2f} | "
+                     f"{r['ppl_wikitext2'] - dense['ppl_wikitext2']:+.2f} | {r['ppl_lambada']:.2f} | "
+                     f"{r['ppl_lambada'] - dense['ppl_lambada']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -47,8 +65,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--render", action="store_true", help="only write the markdown table of --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        import json
+
+        Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())))
+        return 0
 
     from actsparse.calibration import Calibrator, greedy_for, wikitext2_split
     from actsparse.calibration.data import token_batches
@@ -124,6 +148,7 @@ def main(argv=None) -> int:
                 with masked(model, plan):
                     res = ppl(model)
                 add(v, target, res, t0, calibration_sparsity=plan.overall_sparsity)
+    out.with_suffix(".md").write_text(markdown(data))
     return 0
 
 
