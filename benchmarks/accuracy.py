@@ -105,6 +105,21 @@ class MaskObserver:
         skipped = sum(p * z / max(r, 1) for z, r, p in self.sums.values())
         return skipped / self.total_params if self.total_params else 0.0
 
+    def masked_sparsity(self) -> float:
+        """Fraction of the masked linears' inputs zeroed, parameter-weighted over those linears only.
+
+        This is the quantity a plan's target names (teal-style: every masked input; cats: the
+        MLP neurons), so it is the one to compare with the target on another text.
+        """
+        params = sum(p for _, _, p in self.sums.values())
+        skipped = sum(p * z / max(r, 1) for z, r, p in self.sums.values())
+        return skipped / params if params else 0.0
+
+    def reset(self) -> None:
+        """Forget the counts, to measure a second text with the same compiled graph."""
+        self.sums.clear()
+        self.active = True
+
 
 class ObservingBackend:
     """The actsparse backend (eager compiler) plus a MaskObserver node before each actsparse op."""
@@ -120,8 +135,9 @@ class ObservingBackend:
         fns = {torch.ops.actsparse.sparse_linear.default: self.observer.linear,
                torch.ops.actsparse.channel_sparse_linear.default: self.observer.channel,
                torch.ops.actsparse.gated_mlp.default: self.observer.gated}
-        from actsparse.ops.dense import masked_input
+        from actsparse.ops.dense import masked_gated_mlp, masked_input
 
+        fns[masked_gated_mlp] = self.observer.gated  # CATS's masked dense form (prefill): same arguments
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target is masked_input:  # the masked dense form (prefill)
                 ws = [u.args[1] for u in node.users if u.op == "call_function" and u.args and u.args[0] is node
@@ -207,9 +223,44 @@ def _evaluate(fwd, tokenizer, eval_text: str, args, tasks: list[str], observer: 
     row["ppl_seconds"] = round(time.perf_counter() - t0, 1)
     if observer is not None:
         row["effective_sparsity"] = round(observer.sparsity(), 4)
+        row["masked_sparsity"] = round(observer.masked_sparsity(), 4)
+    if getattr(args, "second_text", "none") != "none":
+        row["second_text"] = _evaluate_second(fwd, tokenizer, args, observer)
+    if observer is not None:
         observer.active = False  # tasks are not part of the sparsity measurement
     row.update(_evaluate_tasks(fwd, tokenizer, args, tasks))
     return row
+
+
+def second_text(args) -> str:
+    """The second evaluation text (``--second-text``): LAMBADA contexts, a seeded subset joined.
+
+    LAMBADA passages are fiction (BookCorpus), another domain than the WikiText-2 articles the
+    plans are calibrated on; the contexts alone (without the target word) make plain text.
+    """
+    from actsparse.eval.data import load_task
+
+    if args.second_text != "lambada":
+        raise ValueError(f"unknown second text {args.second_text!r}; allowed: none, lambada")
+    docs = load_task("lambada", args.data, limit=args.second_docs, seed=args.seed)
+    return "\n\n".join(d["context"].strip() for d in docs)
+
+
+def _evaluate_second(fwd, tokenizer, args, observer: MaskObserver | None) -> dict:
+    """Perplexity and achieved sparsity of a row on the second text, with the same compiled graph."""
+    from actsparse.eval import perplexity
+
+    if observer is not None:
+        observer.reset()
+    t0 = time.perf_counter()
+    r = perplexity(fwd, tokenizer, text=second_text(args), window=args.window,
+                   max_tokens=args.second_tokens or args.eval_tokens, batch_size=args.batch_size, progress=False)
+    out = {"name": args.second_text, "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if observer is not None:
+        out["effective_sparsity"] = round(observer.sparsity(), 4)
+        out["masked_sparsity"] = round(observer.masked_sparsity(), 4)
+    return out
 
 
 def run_model(name: str, args, out: Path) -> dict:
@@ -269,7 +320,10 @@ def run_model(name: str, args, out: Path) -> dict:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             save(row)
             log(f"{name}: {method} @ {target}: ppl {row['ppl']:.3f}, effective sparsity "
-                 f"{row['effective_sparsity']:.3f} (calibration {plan.overall_sparsity:.3f}), {row['seconds']} s")
+                 f"{row['effective_sparsity']:.3f} (calibration {plan.overall_sparsity:.3f}), {row['seconds']} s"
+                 + ("" if "second_text" not in row else
+                    f"; {row['second_text']['name']}: ppl {row['second_text']['ppl']:.3f}, masked sparsity "
+                    f"{row['second_text'].get('masked_sparsity', 0):.3f}"))
     torch._dynamo.reset()
     return data
 
@@ -297,6 +351,12 @@ def _config(args, split: dict) -> dict:
         "task_limit": args.limit, "task_targets": list(args.task_targets), "task_seed": args.seed,
         "targets": list(args.targets), "methods": list(args.methods),
         "greedy_step": args.greedy_step, "greedy_tokens": args.greedy_tokens, "cett_tokens": args.cett_tokens,
+        "second_text": (None if args.second_text == "none" else
+                        {"name": args.second_text, "docs": args.second_docs, "seed": args.seed,
+                         "tokens": args.second_tokens or args.eval_tokens,
+                         "what": "LAMBADA (OpenAI) test contexts, a seeded subset joined by blank lines"}),
+        "masked_sparsity": "masks applied by the compiled graph, parameter-weighted over the masked linears "
+                           "only: the quantity the target names (for cats the MLP neuron sparsity)",
         "compiler": "actsparse backend, compiler='eager' (masked graph without Inductor)", "dtype": "float32",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "effective_sparsity": "masks applied by the compiled graph on the perplexity text, parameter-weighted "
@@ -426,6 +486,30 @@ def _predictor_lines(pred: dict, tasks: list[str], dense: dict | None) -> list[s
     return lines
 
 
+def _second_lines(rows: list[dict], dense: dict | None) -> list[str]:
+    """The rows' achieved sparsity and perplexity on the second text, beside the target."""
+    have = [r for r in rows if "second_text" in r]
+    if not have:
+        return []
+    name = have[0]["second_text"]["name"]
+    base = (dense or {}).get("second_text", {}).get("ppl")
+    lines = ["", f"### Second text ({name}): achieved sparsity beside the target", "",
+             "Masked sparsity: fraction of the masked linears' inputs the graph zeroed, parameter-weighted over "
+             "those linears (the quantity the target names); drift: second text minus target.", "",
+             "| method | target | masked sparsity (wikitext eval) | masked sparsity (" + name + ") | drift | "
+             "ppl (" + name + ") | ppl increase |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(have, key=lambda r: (r["method"] != "dense", r["method"], r.get("target") or 0)):
+        s = r["second_text"]
+        tgt = r.get("target")
+        inc = "" if base is None or r is dense else f"{s['ppl'] - base:+.2f}"
+        ms = s.get("masked_sparsity")
+        drift = "" if tgt is None or ms is None else f"{ms - tgt:+.3f}"
+        lines.append(f"| {r['method']} | {'' if tgt is None else f'{tgt:.2f}'} | "
+                     f"{'' if 'masked_sparsity' not in r else format(r['masked_sparsity'], '.3f')} | "
+                     f"{'' if ms is None else format(ms, '.3f')} | {drift} | {s['ppl']:.2f} | {inc} |")
+    return lines
+
+
 def markdown(result: dict, predictor: dict[str, dict] | None = None) -> str:
     """The accuracy tables; ``predictor`` (model -> predictor bench file) adds bytes and predictor rows."""
     predictor = predictor or {}
@@ -461,6 +545,7 @@ def markdown(result: dict, predictor: dict[str, dict] | None = None) -> str:
                       + f"; dense {chk['dense_ppl']:.2f}. Best: {chk['best_method']}, its increase is "
                       f"{chk['increase_ratio_best_over_teal']:.2f} of teal's "
                       f"(target <= 0.5: {'met' if chk['met'] else 'not met'})."]
+        lines += _second_lines(rows, dense)
         if pred:
             lines += _predictor_lines(pred, list(cfg.get("tasks", [])), dense)
         lines.append("")
@@ -549,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cett-tokens", type=int, default=256)
     add("--batch-size", type=int, default=4)
     add("--seed", type=int, default=0)
+    add("--second-text", default="none", choices=["none", "lambada"],
+        help="also measure perplexity and achieved sparsity on a text of another domain (default: %(default)s)")
+    add("--second-docs", type=int, default=300, help="LAMBADA contexts drawn for --second-text")
+    add("--second-tokens", type=int, default=None,
+        help="tokens scored on the second text (default: --eval-tokens)")
     add("--data", default=None, metavar="DIR", help="data directory (default: $ACTSPARSE_DATA)")
     add("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     add("--jobs", type=int, default=2, help="models evaluated in parallel processes (default: %(default)s)")

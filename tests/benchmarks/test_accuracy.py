@@ -73,3 +73,30 @@ def test_render_without_predictor_file(tmp_path):
     assert "| dense |  | 0.000 | 0.000 | 1.000 | 10.00 |" in md
     assert "| cats | 0.50 | 0.500 | 0.500 | n/a | 12.00 |" in md
     assert "Learned predictor" not in md
+
+
+def test_render_second_text_table(tmp_path):
+    res = _result()
+    rows = res["models"]["m"]
+    rows[0]["second_text"] = {"name": "lambada", "ppl": 20.0}
+    rows[2].update(masked_sparsity=0.51, second_text={"name": "lambada", "ppl": 30.0, "masked_sparsity": 0.528})
+    out = tmp_path / "accuracy.json"
+    out.write_text(json.dumps(res))
+    assert main(["--render", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "### Second text (lambada): achieved sparsity beside the target" in md
+    assert "| teal | 0.50 | 0.510 | 0.528 | +0.028 | 30.00 | +10.00 |" in md
+
+
+def test_observer_masked_sparsity_counts_masked_linears_only():
+    import torch
+
+    from benchmarks.accuracy import MaskObserver
+
+    obs = MaskObserver(total_params=400)
+    w = torch.zeros(10, 10)  # 100 of the 400 parameters are masked
+    obs._add(w, torch.tensor([[True, False, False, False]] * 2))
+    assert obs.sparsity() == 0.75 * 100 / 400
+    assert obs.masked_sparsity() == 0.75
+    obs.reset()
+    assert obs.masked_sparsity() == 0.0 and obs.active
