@@ -10,7 +10,9 @@ teal-greedy plans are calibrated ONCE on the fp32 model and applied unchanged to
 ``actsparse.quantize`` copies (int8; int4 at ``--group-size``), which is what the plan
 fingerprint allows. The check answers the issue's target: quantization adds no more to the
 sparse model's perplexity than it adds to the dense one (``increase[s] <= increase[0]``).
-With several models and ``--jobs`` > 1 each model runs in its own process and the parent merges.
+``--plan-on self`` calibrates each format's plan on its own model instead (sparse rows only),
+which separates the plan transfer's share of the cost from quantization's own. With several
+models and ``--jobs`` > 1 each model runs in its own process and the parent merges.
 """
 
 from __future__ import annotations
@@ -93,22 +95,27 @@ def run_model(name: str, args, out: Path) -> dict:
     base, tok = models.load(name)
     cal_text, eval_text, split = wikitext2_split(args.data, args.calibration_articles)
     data.update({"model": name, "config": _config(args, split)})
-    plans, total = {}, None
-    if any((v[0], t) not in done for v in variants(args.group_size) for t in args.targets):
+
+    def calibrate(model, label):
         t0 = time.perf_counter()
-        cal = Calibrator(base, cal_text, tok, methods=[METHOD], token_budget=args.calib_tokens,
+        cal = Calibrator(model, cal_text, tok, methods=[METHOD], token_budget=args.calib_tokens,
                          batch_size=args.batch_size, seq_len=args.window, seed=args.seed, progress=False,
                          source=split["source"], greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens)
         greedy_for(cal, max(args.targets))
-        data["calibration_seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"{name}: calibrated on fp32 in {data['calibration_seconds']} s")
-        plans = {t: cal.plan(METHOD, t) for t in args.targets}
-        total = sum(s.params for s in masked_sites(cal.sites))
-        del cal
-    for label, bits, gs in variants(args.group_size):
+        data.setdefault("calibration_seconds", {})[label] = round(time.perf_counter() - t0, 1)
+        log(f"{name}: calibrated on {label} in {data['calibration_seconds'][label]} s")
+        return {t: cal.plan(METHOD, t) for t in args.targets}, sum(s.params for s in masked_sites(cal.sites))
+
+    formats = [v for v in variants(args.group_size) if v[0].split("-")[0] in args.formats]
+    plans, total = {}, None
+    if args.plan_on == "fp32" and any((v[0], t) not in done for v in formats for t in args.targets):
+        plans, total = calibrate(base, "fp32")
+    for label, bits, gs in formats:
         model = base if bits is None else actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs)
+        if args.plan_on == "self" and any((label, t) not in done for t in args.targets):
+            plans, total = calibrate(model, label)
         for target in (None, *args.targets):
-            if (label, target) in done:
+            if (label, target) in done or (target is None and args.plan_on == "self"):
                 continue
             t0 = time.perf_counter()
             row = {"model": name, "format": label, "bits": bits or 32, "group_size": gs, "method": "dense",
@@ -121,7 +128,7 @@ def run_model(name: str, args, out: Path) -> dict:
                 torch._dynamo.reset()
                 fwd = torch.compile(model, backend=QuantObservingBackend(plan, observer))
                 row.update({"method": METHOD, "overall_sparsity": plan.overall_sparsity,
-                            "plan_info": _plan_summary(plan), "plan_calibrated_on": "fp32",
+                            "plan_info": _plan_summary(plan), "plan_calibrated_on": "fp32" if args.plan_on == "fp32" else label,
                             **_evaluate(fwd, tok, eval_text, args, [], observer)})
                 torch._dynamo.reset()
             row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -159,7 +166,8 @@ def _config(args, split: dict) -> dict:
             "calibration_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "window": args.window,
             "method": METHOD, "targets": list(args.targets), "greedy_step": args.greedy_step,
             "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size,
-            "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies",
+            "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies"
+                    if args.plan_on == "fp32" else "calibrated on each format's own model",
             "compiler": "actsparse backend, compiler='eager' (masked graph without Inductor)",
             "activations": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "effective_sparsity": "as benchmarks.accuracy: masks applied on the perplexity text, "
@@ -173,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     add("--targets", nargs="+", type=float, default=list(TARGETS))
+    add("--formats", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
+    add("--plan-on", choices=["fp32", "self"], default="fp32",
+        help="fp32: one plan calibrated on the fp32 model for every format (default); self: each "
+             "format's plan calibrated on that format's own model (sparse rows only), to tell the "
+             "plan transfer's share of the cost from quantization's own")
     add("--group-size", type=int, default=64, help="int4 input channels per scale (default: %(default)s)")
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
