@@ -16,7 +16,9 @@ argmax; dense eager prefill). Variants:
 
 Every variant is compiled first, then the timed rounds interleave them (each round decodes
 once with every variant, in a rotated order), so load from other processes on a shared
-machine spreads over all variants; each row reports the median over rounds and every run.
+machine spreads over all variants; each row reports the median over rounds and every run, and
+``vs_dense_paired`` / ``vs_best_dense_int8_paired``: the median over rounds of the ratio to the
+baseline's rate in the same round, which cancels load that changes between rounds.
 A recompilation during the timed rounds is an error. ``os.getloadavg()`` is recorded before
 and after. The sparse rows are checked against the eager int8 model masked by hooks (teacher
 forced logits and greedy agreement).
@@ -66,6 +68,15 @@ def int8pack(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, Int8PackLinear(lin))
     return model
+
+
+def paired(rows: list[dict], base: str) -> None:
+    """Add ``vs_<base>_paired`` to each row: the median over rounds of its rate over ``base``'s rate
+    in the same round (``runs`` are per round), which cancels load that changes between rounds."""
+    ref = next(r for r in rows if r["variant"] == base)["runs"]
+    key = "vs_dense_paired" if base.startswith("dense fp32") else "vs_best_dense_int8_paired"
+    for r in rows:
+        r[key] = statistics.median(a / b for a, b in zip(r["runs"], ref))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         r["vs_best_dense_int8"] = r["tok_s"] / best["tok_s"]
     result["best_dense_int8"] = best["variant"]
+    paired(result["rows"], variants[0]["variant"])
+    paired(result["rows"], best["variant"])
     save()  # the timings, before the (slower) checks
     for v, row in zip(variants, result["rows"]):
         if "plan" not in v:

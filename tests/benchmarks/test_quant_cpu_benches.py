@@ -49,3 +49,12 @@ def test_observer_counts_quantized_sites():
     obs.sums.clear()
     fwd(torch.randint(3, 128, (1, 1)))  # one row: the quantized sparse op
     assert 0.2 < obs.sparsity() < 0.8 and len(obs.sums) == len(names)
+
+
+def test_paired_ratios_cancel_load_between_rounds():
+    from benchmarks.cpu_decode_quant import paired
+
+    rows = [{"variant": "dense fp32 (inductor)", "runs": [10.0, 5.0, 2.0]},
+            {"variant": "ours", "runs": [20.0, 10.0, 4.0]}]
+    paired(rows, "dense fp32 (inductor)")
+    assert rows[1]["vs_dense_paired"] == 2.0 and rows[0]["vs_dense_paired"] == 1.0
