@@ -128,7 +128,8 @@ def run_model(name: str, args, out: Path) -> dict:
                 torch._dynamo.reset()
                 fwd = torch.compile(model, backend=QuantObservingBackend(plan, observer))
                 row.update({"method": METHOD, "overall_sparsity": plan.overall_sparsity,
-                            "plan_info": _plan_summary(plan), "plan_calibrated_on": "fp32" if args.plan_on == "fp32" else label,
+                            "plan_info": _plan_summary(plan),
+                            "plan_calibrated_on": "fp32" if args.plan_on == "fp32" else label,
                             **_evaluate(fwd, tok, eval_text, args, [], observer)})
                 torch._dynamo.reset()
             row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     result = {"cpu": f"{platform.machine()} ({os.cpu_count()} logical cores, shared)",
-              "command": "python -m benchmarks.kernels_quant_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python -m benchmarks.kernels_quant_cpu "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 1,
               "loadavg_start": os.getloadavg(), "rows": []}
     for shape, (k, n) in SHAPES.items():
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         int8 = statistics.median(times[("dense int8 (dequantise + matmul)", 8, 0.0)])
         for (variant, bits, s), ts in times.items():
             us = statistics.median(ts) * 1e6
-            result["rows"].append({"shape": shape, "k": k, "n": n, "weight_copies": copies, "variant": variant, "bits": bits, "batch": 1,
+            result["rows"].append({"shape": shape, "k": k, "n": n, "weight_copies": copies, "variant": variant,
+                                   "bits": bits, "batch": 1,
                                    "sparsity": s, "us": round(us, 1), "vs_dense": dense * 1e6 / us,
                                    "vs_dense_int8": int8 * 1e6 / us})
             print(f"{shape:>32} {variant:>34} {s:4.0%} {us:9.1f} us  x{dense * 1e6 / us:.2f} vs fp32", flush=True)
