@@ -8,8 +8,9 @@ in its quantized form, so no argument is declared input-sparse (nothing to re-st
 Dispatch, per call (``actsparse.ops.dispatch``):
 
 * CUDA, few rows, the cost model in favour: the Triton kernel (``kernels/triton/quant_gemv``);
-* CPU, few rows: the gather path, in torch: copies the active channels' quantized rows only,
-  dequantises them and multiplies;
+* CPU, few rows: the native kernel (``kernels/cpu/quant``) reads each active channel's
+  quantized row once and dequantises it in registers; where it cannot be built, the gather
+  path, in torch, copies the active channels' quantized rows only, dequantises and multiplies;
 * otherwise (prefill): the masked input, then the dense dequantise-and-matmul.
 """
 
@@ -20,12 +21,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels.cpu import quant as native
 from ..quant.storage import unpack_int4
 from .dense import masked_input
 from .dispatch import choose, triton_module
 from .quant_linear import quant_linear_dense
 from .reference import input_mask, quant_sparse_linear_reference, row_scale
 from .spec import define_op
+
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def quant_gather_linear(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Optional[Tensor],
@@ -46,6 +51,17 @@ def quant_gather_linear(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Op
     return y.to(x2.dtype)
 
 
+def quant_cpu_linear(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Optional[Tensor],
+                     bias: Optional[Tensor], threshold: float, per_token: bool, bits: int, group_size: int) -> Tensor:
+    """The CPU paths for a few rows: the native kernel, else the gather path."""
+    if x2.dtype in NATIVE_DTYPES and qweight.is_contiguous():
+        y = native.quant_input_sparse_linear(x2, qweight, scales, offsets, bias, threshold, bits, group_size,
+                                             row_scale(x2) if per_token else None)
+        if y is not None:
+            return y
+    return quant_gather_linear(x2, qweight, scales, offsets, bias, threshold, per_token, bits, group_size)
+
+
 def _quant_sparse_linear(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Optional[Tensor],
                          bias: Optional[Tensor], threshold: float, per_token: bool, bits: int, group_size: int,
                          sparsity_hint: float) -> Tensor:
@@ -59,7 +75,7 @@ def _quant_sparse_linear(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Op
                                               group_size, row_scale=row_scale(x2) if per_token else None,
                                               sparsity_hint=sparsity_hint)
     elif path == "cpu":
-        y = quant_gather_linear(x2, qweight, scales, offsets, bias, threshold, per_token, bits, group_size)
+        y = quant_cpu_linear(x2, qweight, scales, offsets, bias, threshold, per_token, bits, group_size)
     else:
         y = quant_linear_dense(masked_input(x2, threshold, per_token), qweight, scales, offsets, bias, bits,
                                group_size)

@@ -1,0 +1,60 @@
+"""The CPU quantized benches' own pieces: the int8pack_mm linear of ``cpu_decode_quant`` and the
+quantization-cost check of ``accuracy_quant``; the observing backend on a tiny quantized model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import actsparse
+from actsparse.models import tiny
+from benchmarks.accuracy_quant import QuantMaskObserver, QuantObservingBackend, check
+from benchmarks.cpu_decode_quant import Int8PackLinear, int8pack
+
+
+def test_int8pack_linear_matches_int8_storage():
+    lin = torch.nn.Linear(48, 30, bias=True)
+    q = Int8PackLinear(lin)
+    x = torch.randn(3, 2, 48)
+    ref = torch.nn.functional.linear(x, q.w.float() * q.scale[:, None], lin.bias)
+    torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
+    model = int8pack(tiny("llama", intermediate_size=96))
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8PackLinear)
+    assert not isinstance(model.get_output_embeddings(), Int8PackLinear)
+
+
+def test_check_compares_sparse_and_dense_quantization_cost():
+    rows = [{"format": f, "target": t, "ppl": p} for f, t, p in [
+        ("fp32", None, 10.0), ("fp32", 0.5, 12.0), ("int8", None, 10.5), ("int8", 0.5, 12.4)]]
+    got = check(rows, [0.5])["int8"]
+    assert got["ppl_increase_over_fp32"] == {"0": 0.5, "0.5": 0.4}
+    assert got["met_absolute"] == {"0.5": True}
+    assert got["met_relative"] == {"0.5": True}
+
+
+def test_observer_counts_quantized_sites():
+    from actsparse.plan import SparsityPlan
+
+    model = tiny("llama", intermediate_size=96)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    plan = SparsityPlan.from_thresholds(model, {n: 0.5 for n in names})
+    q = actsparse.quantize(copy.deepcopy(model), bits=8)
+    total = sum(m.in_features * m.out_features for n, m in model.named_modules() if n in names)
+    obs = QuantMaskObserver(total)
+    torch._dynamo.reset()
+    fwd = torch.compile(q, backend=QuantObservingBackend(plan, obs))
+    fwd(torch.randint(3, 128, (1, 5)))  # prefill: masked input into the dense quantized linear
+    assert 0.2 < obs.sparsity() < 0.8 and len(obs.sums) == len(names)
+    obs.sums.clear()
+    fwd(torch.randint(3, 128, (1, 1)))  # one row: the quantized sparse op
+    assert 0.2 < obs.sparsity() < 0.8 and len(obs.sums) == len(names)
+
+
+def test_paired_ratios_cancel_load_between_rounds():
+    from benchmarks.cpu_decode_quant import paired
+
+    rows = [{"variant": "dense fp32 (inductor)", "runs": [10.0, 5.0, 2.0]},
+            {"variant": "ours", "runs": [20.0, 10.0, 4.0]}]
+    paired(rows, "dense fp32 (inductor)")
+    assert rows[1]["vs_dense_paired"] == 2.0 and rows[0]["vs_dense_paired"] == 1.0
