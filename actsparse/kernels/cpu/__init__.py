@@ -12,13 +12,11 @@ op falls back to the gather path. ``ACTSPARSE_CPU_KERNEL=0`` disables it.
 from __future__ import annotations
 
 import os
-import threading
-import warnings
-from pathlib import Path
-from typing import Any
 
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {}
+from ._extension import NativeExtension
+
+_NATIVE = NativeExtension("actsparse_cpu_input_sparse", "input_sparse.cpp", "the native CPU kernel",
+                          "decode uses the slower gather path")
 
 
 def enabled() -> bool:
@@ -27,29 +25,7 @@ def enabled() -> bool:
 
 def load():
     """The compiled extension module, or None where it cannot be built or is disabled."""
-    if not enabled():
-        return None
-    if "module" in _STATE:
-        return _STATE["module"]
-    with _LOCK:
-        if "module" not in _STATE:
-            _STATE["module"] = _build()
-    return _STATE["module"]
-
-
-def _build():
-    from torch.utils.cpp_extension import load as load_extension
-
-    src = Path(__file__).with_name("input_sparse.cpp")
-    try:
-        return load_extension(name="actsparse_cpu_input_sparse", sources=[str(src)],
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, headers or ninja: the gather path still works
-        warnings.warn(f"actsparse: the native CPU kernel could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); decode uses the slower gather path",
-                      stacklevel=3)
-        return None
+    return _NATIVE.load() if enabled() else None
 
 
 def input_sparse_linear(x, wt, threshold: float, channel_thresholds=None, parts: int | None = None):

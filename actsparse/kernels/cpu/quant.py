@@ -10,41 +10,18 @@ float kernel (``actsparse.kernels.cpu``), as its own extension so that each buil
 
 from __future__ import annotations
 
-import threading
-import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 from . import enabled
+from ._extension import NativeExtension
 
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {}
+_NATIVE = NativeExtension("actsparse_cpu_quant_input_sparse", "quant_input_sparse.cpp",
+                          "the native CPU int8/int4 kernel", "quantized decode uses the gather path")
 
 
 def load():
     """The compiled extension module, or None where it cannot be built or is disabled."""
-    if not enabled():
-        return None
-    if "module" not in _STATE:
-        with _LOCK:
-            if "module" not in _STATE:
-                _STATE["module"] = _build()
-    return _STATE["module"]
-
-
-def _build():
-    from torch.utils.cpp_extension import load as load_extension
-
-    src = Path(__file__).with_name("quant_input_sparse.cpp")
-    try:
-        return load_extension(name="actsparse_cpu_quant_input_sparse", sources=[str(src)],
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, headers or ninja: the gather path still works
-        warnings.warn(f"actsparse: the native CPU int8/int4 kernel could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); quantized decode uses the gather path",
-                      stacklevel=3)
-        return None
+    return _NATIVE.load() if enabled() else None
 
 
 def quant_input_sparse_linear(x, qweight, scales, offsets, bias, threshold: float, bits: int, group_size: int,
