@@ -18,7 +18,7 @@ finish; ``--budget-s`` stops starting new rows so that the run ends within the m
 torchao's dense int8 / int4 rows are not measured (torchao is not installed here).
 
     python -m benchmarks.e2e_quant --out $OUT/e2e_quant_h100.json
-    python -m benchmarks.e2e_quant --tiny --device cpu --compiler eager --out /tmp/q.json   # the CPU smoke path
+    python -m benchmarks.e2e_quant --tiny --device cpu --compiler eager --out q.json   # the CPU smoke path
 """
 
 from __future__ import annotations
