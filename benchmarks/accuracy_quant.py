@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import MaskObserver, ObservingBackend, _evaluate, _plan_summary, _strip
+from benchmarks.accuracy import MaskObserver, ObservingBackend, _evaluate, _model_out, _plan_summary, _strip
 from benchmarks.harness import log, write_json
 
 TARGETS = (0.4, 0.5)
@@ -202,10 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="keep the rows already in the per-model files")
     add("--out", default="benchmarks/results/accuracy_quant.json")
     return p
-
-
-def _model_out(out: Path, model: str) -> Path:
-    return out.with_name(f"{out.stem}_{model}.json")
 
 
 def main(argv: list[str] | None = None) -> int:
