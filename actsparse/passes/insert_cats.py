@@ -13,6 +13,7 @@ from ..ops.dense import masked_gated_mlp
 from ..ops.gated_mlp import gated_mlp as gated_mlp_op
 from ..plan import PlanError
 from .context import PassContext
+from .find_sites import Site
 from .graph import erase_orphans, run_dense, static_rows
 from .quant_masks import refuse_quantized
 
@@ -37,22 +38,30 @@ def insert_cats(gm: fx.GraphModule, ctx: PassContext) -> None:
         if clash:
             raise PlanError(f"plan has both a CATS rule on {pname} and input thresholds on {clash}; "
                             "an MLP takes one or the other")
-        hint = ctx.hint(pname)
-        dense = run_dense(gate.input, gate.in_features, [gate.out_features], hint, gated=True)
-        with graph.inserting_before(s.node):
-            args = (gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, t)
-            new = graph.call_function(masked_gated_mlp, args) if dense else \
-                graph.call_function(gated_mlp_op, args + (False, hint))
-        new.meta.update(s.node.meta)
-        s.node.replace_all_uses_with(new)
-        orphans.extend(s.node.all_input_nodes)
-        graph.erase_node(s.node)
-        note = f" (dense, {static_rows(gate.input)} rows)" if dense else ""
-        for x in (gate, s, up):
-            x.rule = f"cats t={t:.4g}{note}"
-            x.rewritten = True
+        lower_gated_mlp(graph, s, t, ctx.hint(pname), orphans, f"cats t={t:.4g}")
         ctx.stats.gated_mlp_calls += 1
         ctx.stats.masked_sites += 1
     erase_orphans(graph, orphans)
     graph.lint()
     gm.recompile()
+
+
+def lower_gated_mlp(graph: fx.Graph, s: Site, threshold: float, hint: float, orphans: list[fx.Node],
+                    rule: str) -> None:
+    """Replace the gated MLP ending at site ``s`` by one gated op at ``threshold`` (the masked
+    dense form where the traced rows cannot pay for the sparse path); ``rule`` names it in the
+    site table."""
+    gate, up = s.gated["gate"], s.gated["up"]
+    dense = run_dense(gate.input, gate.in_features, [gate.out_features], hint, gated=True)
+    with graph.inserting_before(s.node):
+        args = (gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, threshold)
+        new = graph.call_function(masked_gated_mlp, args) if dense else \
+            graph.call_function(gated_mlp_op, args + (False, hint))
+    new.meta.update(s.node.meta)
+    s.node.replace_all_uses_with(new)
+    orphans.extend(s.node.all_input_nodes)
+    graph.erase_node(s.node)
+    note = f" (dense, {static_rows(gate.input)} rows)" if dense else ""
+    for x in (gate, s, up):
+        x.rule = f"{rule}{note}"
+        x.rewritten = True

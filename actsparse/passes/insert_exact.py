@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ops.dense import masked_gated_mlp
-from ..ops.gated_mlp import gated_mlp as gated_mlp_op
 from ..plan import PlanError
 from ..plan.rules.exact import ExactZeros
 from .context import PassContext
 from .find_sites import Site
-from .graph import erase_orphans, run_dense, static_rows
+from .graph import erase_orphans
+from .insert_cats import lower_gated_mlp
 
 #: Sparsity assumed where the plan measured none: relufied MLPs are about 90% zero. Only the
 #: GPU cost model reads it (the CPU path decides by rows).
@@ -42,23 +41,6 @@ def _inputs_masked(ctx: PassContext, s: Site) -> bool:
     return any(ctx.names.get(x.module) in ctx.plan.thresholds for x in s.gated.values())
 
 
-def _rewrite_gated(graph: fx.Graph, s: Site, hint: float, orphans: list[fx.Node]) -> None:
-    gate, up = s.gated["gate"], s.gated["up"]
-    dense = run_dense(gate.input, gate.in_features, [gate.out_features], hint, gated=True)
-    with graph.inserting_before(s.node):
-        args = (gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, 0.0)
-        new = graph.call_function(masked_gated_mlp, args) if dense else \
-            graph.call_function(gated_mlp_op, args + (False, hint))
-    new.meta.update(s.node.meta)
-    s.node.replace_all_uses_with(new)
-    orphans.extend(s.node.all_input_nodes)
-    graph.erase_node(s.node)
-    note = f" (dense, {static_rows(gate.input)} rows)" if dense else ""
-    for x in (gate, s, up):
-        x.rule = f"exact ({s.act}){note}"
-        x.rewritten = True
-
-
 def insert_exact(gm: fx.GraphModule, ctx: PassContext) -> None:
     rule = ctx.plan.rule(ExactZeros)
     if rule is None or rule.is_empty():
@@ -76,7 +58,7 @@ def insert_exact(gm: fx.GraphModule, ctx: PassContext) -> None:
         ctx.stats.found_rules.add(pname)
         _check_clash(ctx, pname)
         if s.gated and not _inputs_masked(ctx, s):
-            _rewrite_gated(graph, s, _hint(ctx, pname), orphans)
+            lower_gated_mlp(graph, s, 0.0, _hint(ctx, pname), orphans, f"exact ({s.act})")
             ctx.stats.gated_mlp_calls += 1
             ctx.stats.masked_sites += 1
         else:  # the down input itself holds the zeros: insert_masks lowers a threshold-0 mask
