@@ -68,6 +68,7 @@ def lean_decode_rate(model, backend, ids: torch.Tensor, new_tokens: int, repeats
     from transformers import StaticCache
 
     b, n = ids.shape
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     torch._dynamo.reset()
     step = torch.compile(model.forward, backend=backend, fullgraph=True)
     # One cache for every run, zeroed in between: a new cache at new addresses would make the
@@ -80,18 +81,18 @@ def lean_decode_rate(model, backend, ids: torch.Tensor, new_tokens: int, repeats
             out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device))
             tok = out.logits[:, -1:].argmax(-1)
             pos = torch.tensor([n], device=ids.device)
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 logits = step(input_ids=tok, past_key_values=cache, cache_position=pos).logits
                 tok = logits[:, -1:].argmax(-1)
                 pos += 1  # on the device: no host-to-device copy, which would wait for the GPU
-            torch.cuda.synchronize()
+            sync()
         return new_tokens * b / (time.perf_counter() - t0)
 
     run()
     run()
-    rates = sorted(run() for _ in range(repeats))
+    rates = sorted(run() for _ in range(max(repeats, 1)))
     return rates[len(rates) // 2]
 
 

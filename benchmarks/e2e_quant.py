@@ -82,38 +82,6 @@ def backend_for(plan, args):
     return be
 
 
-def decode_rate(model, backend, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Tokens/s of a minimal loop (as ``benchmarks.e2e.lean_decode_rate``, on any device): eager
-    prefill, then the compiled step with the position advanced on the device."""
-    from transformers import StaticCache
-
-    b, n = ids.shape
-    dev = ids.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    torch._dynamo.reset()
-    step = torch.compile(model.forward, backend=backend, fullgraph=True)
-    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 1)
-
-    def run() -> float:
-        cache.reset()
-        with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=dev))
-            tok = out.logits[:, -1:].argmax(-1)
-            pos = torch.tensor([n], device=dev)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = step(input_ids=tok, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
-                pos += 1
-            sync()
-        return new_tokens * b / (time.perf_counter() - t0)
-
-    run()
-    run()
-    rates = sorted(run() for _ in range(max(repeats, 1)))
-    return rates[len(rates) // 2]
-
-
 def check(models: dict, plan, args) -> dict:
     """One decode step of each quantized model, compiled sparse, against the eager model masked
     by hooks; relative logit error, beside what the masks themselves change."""
@@ -163,7 +131,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     import actsparse
-    from benchmarks.e2e import calibrate_on_tokens
+    from benchmarks.e2e import calibrate_on_tokens, lean_decode_rate
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +171,7 @@ def main(argv=None) -> int:
         ids = torch.randint(3, vocab, (batch, 32), device=args.device, generator=g)
         t0 = time.time()
         try:
-            rate = decode_rate(models[bits], backend_for(plans[s] if kind == "sparse" else None, args), ids,
+            rate = lean_decode_rate(models[bits], backend_for(plans[s] if kind == "sparse" else None, args), ids,
                                args.new_tokens, args.repeats)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
             res.setdefault("errors", []).append(f"{variant} batch {batch} sparsity {s}: {type(e).__name__}: {e}")
