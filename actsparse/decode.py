@@ -94,7 +94,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
                   backend: Union[str, Callable, None] = None,
                   eos_token_id: Union[int, Sequence[int], None] = None,
                   pad_token_id: Optional[int] = None, check_every: int = 16,
-                  ignore_eos: bool = False) -> torch.Tensor:
+                  ignore_eos: bool = False, cache_length: Optional[int] = None) -> torch.Tensor:
     """Greedy tokens for ``input_ids`` ([batch, length], no padding), prompt included.
 
     backend: what ``torch.compile`` gets for the decode step (``actsparse.backend(plan,
@@ -106,6 +106,9 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
     every row has stopped (the host checks every ``check_every`` tokens; the result is trimmed
     as ``generate`` trims it). ignore_eos: always produce ``max_new_tokens`` tokens (benchmarks).
     The KV cache is kept for the next call (see ``_static_cache``; ``release_cache`` frees it).
+    cache_length: positions the KV cache holds, at least prompt + new tokens (default: that,
+    rounded up to 128). Calls that ask for one length keep one cache, and so one recorded CUDA
+    graph, whatever their prompt and token counts.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a [batch, length] tensor of token ids (torch.long)")
@@ -115,6 +118,10 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    need = input_ids.shape[1] + max_new_tokens
+    if cache_length is not None and (not isinstance(cache_length, int) or cache_length < need):
+        raise ValueError(f"cache_length must be an int >= prompt length + max_new_tokens ({need}), "
+                         f"got {cache_length!r}")
     gen = getattr(model, "generation_config", None)
     eos = None if ignore_eos else _token_ids(
         eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None))
@@ -129,7 +136,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
     if max_new_tokens == 0:
         return out
 
-    cache = _static_cache(model, b, n + max_new_tokens, device)
+    cache = _static_cache(model, b, cache_length if cache_length is not None else need, device)
     step = _step_for(model, backend)
     eos_t = torch.tensor(eos, device=device) if eos is not None else None
     done = torch.zeros(b, dtype=torch.bool, device=device)

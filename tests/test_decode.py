@@ -105,6 +105,21 @@ def test_cache_is_reused_zeroed_and_released():
     assert model not in decode._CACHES
 
 
+def test_fixed_cache_length_keeps_one_cache_across_lengths():
+    from actsparse import decode
+
+    model = tiny("llama")
+    ids = _ids(model, 1, 5, seed=6)
+    never = model.config.vocab_size + 7
+    long = actsparse.greedy_decode(model, ids, 140, eos_token_id=never, cache_length=256)
+    cache = decode._CACHES[model][1]
+    short = actsparse.greedy_decode(model, ids, 1, eos_token_id=never, cache_length=256)
+    assert decode._CACHES[model][1] is cache  # the default would round 6 and 145 to different buckets
+    assert torch.equal(short, long[:, :6])
+    assert torch.equal(long, actsparse.greedy_decode(model, ids, 140, eos_token_id=never))
+    decode.release_cache(model)
+
+
 def test_zero_new_tokens_returns_the_prompt():
     model = tiny("llama")
     ids = _ids(model, 1, 3)
@@ -119,6 +134,8 @@ def test_zero_new_tokens_returns_the_prompt():
     (dict(check_every=0), "check_every"),
     (dict(eos_token_id=[]), "eos_token_id"),
     (dict(eos_token_id=-2), "eos_token_id"),
+    (dict(cache_length=4), "cache_length"),
+    (dict(cache_length=8.0), "cache_length"),
 ])
 def test_bad_arguments(kwargs, match):
     model = tiny("llama")
