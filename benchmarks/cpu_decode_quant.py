@@ -24,6 +24,8 @@ output head too (int8, dense) in the int8 family, so the head's fp32 bytes do no
 Sparse plans are calibrated on the fp32 model (``--method``, TEAL by default) and apply
 unchanged to every quantized variant.
 
+``--skip`` leaves variants out (a run on a loaded 2-core machine compiles about three within
+ten minutes; each run has its own dense fp32 row, so ratios are always within one run).
 Every variant is compiled first, then the timed rounds interleave them (each round decodes
 once with every variant, in a rotated order), so load from other processes on a shared
 machine spreads over all variants; each row reports the median over rounds and every run, and
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", nargs="+", default=["int8"], choices=["int8", "gguf", "torchao"])
     p.add_argument("--quantize-head", action="store_true", help="int8 family: the output head int8 too")
     p.add_argument("--no-int8pack", action="store_true", help="int8 family: leave out the int8pack_mm row")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.4, 0.5])
+    p.add_argument("--skip", nargs="*", default=[], metavar="VARIANT",
+                   help="leave out these variants (exact names), to keep one run short; dense fp32 always runs")
     p.add_argument("--method", default="teal", help="calibration method of the sparse plans (on fp32)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, each decoding once per variant")
@@ -215,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = build_variants(args, base, plans, lambda: load(args.model, dtype=torch.float32,
                                                                keep_quantized=True)[0])
+    unknown = sorted(set(args.skip) - {v["variant"] for v in variants})
+    if unknown:
+        raise SystemExit(f"--skip: no variant named {unknown}; variants: {[v['variant'] for v in variants]}")
+    variants = [v for i, v in enumerate(variants) if i == 0 or v["variant"] not in args.skip]
+    import torch._inductor.config as inductor_config
+
+    # torchao's quantize_ sets its recommended Inductor options process-wide: every variant of
+    # the run is compiled with them, the fp32 baseline included
+    result["inductor"] = {k: getattr(inductor_config, k) for k in ("coordinate_descent_tuning",
+                                                                   "coordinate_descent_check_all_directions")}
     for v in variants:  # compile and warm up every variant before any timing
         t0 = time.perf_counter()
         v["cache"] = StaticCache(config=v["model"].config, max_cache_len=cache_len)

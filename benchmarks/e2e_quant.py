@@ -159,7 +159,8 @@ def torchao_models(args, res: dict) -> dict:
         res["torchao"] = f"not measured ({type(e).__name__}: {e})"
         return {}
     res["torchao"] = torchao.__version__
-    configs = {"torchao-int8": lambda: Int8WeightOnlyConfig()}
+    tuned = not args.tiny  # torchao's Inductor options (process-wide: not in the test path)
+    configs = {"torchao-int8": lambda: Int8WeightOnlyConfig(set_inductor_config=tuned)}
     if args.device.startswith("cuda") and not args.tiny:  # tinygemm: bf16 weights on CUDA
         configs["torchao-int4"] = lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     out = {}
@@ -202,6 +203,12 @@ def main(argv=None) -> int:
         models[bits] = actsparse.quantize(build(args), bits=bits, group_size=args.group_size if bits == 4 else None)
     models.update(torchao_models(args, res))
     built_ao = tuple(k for k in TORCHAO if k in models)
+    import torch._inductor.config as inductor_config
+
+    # torchao's quantize_ sets its recommended Inductor options process-wide (before any row
+    # compiles): every row of the run, the bf16 baseline included, is compiled with them
+    res["inductor"] = {k: getattr(inductor_config, k) for k in ("coordinate_descent_tuning",
+                                                                "coordinate_descent_check_all_directions")}
     if cuda:
         res["memory_gib"] = torch.cuda.memory_allocated() / 2**30
     if args.check:

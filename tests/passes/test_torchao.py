@@ -23,8 +23,9 @@ from actsparse.quant.storage import dequantize_input_major  # noqa: E402
 from tests.masking import linear_names, masked, prefill_decode  # noqa: E402
 
 CONFIGS = {
-    "int8": lambda: Int8WeightOnlyConfig(),
-    "int8-g32": lambda: Int8WeightOnlyConfig(granularity=PerGroup(32)),
+    # set_inductor_config=False: torchao would otherwise change Inductor's options for the whole session
+    "int8": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
+    "int8-g32": lambda: Int8WeightOnlyConfig(granularity=PerGroup(32), set_inductor_config=False),
     "intx-int4-g32": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
     "intx-int8": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
 }
@@ -135,7 +136,7 @@ def test_unsupported_configs_are_named():
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
     model = _model()
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
     with pytest.raises(tw.UnsupportedTorchaoWeight, match=r"torchao 0\.\d+.*quantizes activations.*Supported"):
         tw.to_input_major(model.model.layers[0].mlp.up_proj.weight)
     model = _model()
