@@ -158,3 +158,11 @@ def test_old_torchao_versions_are_refused(monkeypatch):
     monkeypatch.setattr(torchao, "__version__", "0.12.0")
     with pytest.raises(tw.UnsupportedTorchaoWeight, match="torchao 0.12.0 is older"):
         tw.to_input_major(model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_calibration_runs_on_torchao_model():
+    model = _quantized("int8", num_hidden_layers=1)
+    tokens = torch.randint(3, 128, (600,), generator=torch.Generator().manual_seed(0))
+    plan = actsparse.calibrate(model, tokens, "teal", 0.5, token_budget=512, seq_len=32, progress=False)
+    assert set(plan.thresholds) == set(linear_names(model))
+    plan.validate(_model(num_hidden_layers=1))  # the plan fits the float model too
