@@ -11,10 +11,14 @@ against it); ``--families`` adds:
 
 * ``int8``: ``dense int8 (int8pack_mm)``, the linears as ``torch._weight_int8pack_mm`` (int8
   weights [N, K], one scale per output; PyTorch's own CPU weight-only int8 matmul), under
-  Inductor; ``dense int8 (actsparse)``, ``actsparse.quantize(bits=8)`` under Inductor
-  (dequantise-and-matmul); ``ours int8 s``: the same int8 model through ``backend="sparse"``;
+  Inductor; ``dense int8 (actsparse, inductor)``, ``actsparse.quantize(bits=8)`` under
+  Inductor (dequantise-and-matmul: on the CPU Inductor writes the float weight out every call);
+  ``dense int8 (actsparse native kernel)``: the same model through ``backend="sparse"`` with an
+  empty plan (every quantized linear on the native kernel, nothing masked); ``ours int8 s``:
+  ``backend="sparse"`` with the plan;
 * ``gguf``: ``load(model, keep_quantized=True)`` (SmolLM2: the file's Q4_1 linears as int4
-  g32, its Q8_0 tied head as grouped int8) dense under Inductor, and through ``backend="sparse"``;
+  g32, its Q8_0 tied head as grouped int8) dense under Inductor, dense on the native kernel,
+  and through ``backend="sparse"``;
 * ``torchao``: ``quantize_(model, Int8WeightOnlyConfig())`` (every linear, the head included)
   dense under Inductor, and through ``backend="sparse"`` (our kernel over torchao's data).
 
@@ -121,6 +125,10 @@ def build_variants(args, base: nn.Module, plans: dict, load_gguf) -> list[dict[s
         {"variant": "dense fp32 (inductor)", "bits": 32, "sparsity": 0.0, "model": base, "backend": "inductor"}]
 
     def sparse(label: str, bits: int, model: nn.Module) -> None:
+        # an empty plan: every quantized linear on the native kernel, nothing masked
+        empty = actsparse.SparsityPlan.from_thresholds(base, {})
+        variants.append({"variant": f"dense {label} (actsparse native kernel)", "bits": bits, "sparsity": 0.0,
+                         "model": _sharing(model), "backend": actsparse.backend(empty)})
         for s, plan in plans.items():
             variants.append({"variant": f"ours {label} {s:.0%}", "bits": bits, "sparsity": s,
                              "model": _sharing(model), "backend": actsparse.backend(plan), "plan": plan})

@@ -71,8 +71,9 @@ def test_variants_share_weights_and_quantize_the_head():
     args = argparse.Namespace(families=["int8"], quantize_head=True, no_int8pack=False)
     variants = build_variants(args, base, plans, None)
     assert [v["variant"] for v in variants] == ["dense fp32 (inductor)", "dense int8 (int8pack_mm, inductor)",
-                                                "dense int8 (actsparse, inductor)", "ours int8 50%"]
-    q8, ours = variants[2]["model"], variants[3]["model"]
+                                                "dense int8 (actsparse, inductor)",
+                                                "dense int8 (actsparse native kernel)", "ours int8 50%"]
+    q8, ours = variants[2]["model"], variants[4]["model"]
     assert q8 is not ours and q8.lm_head.qweight is ours.lm_head.qweight  # same tensors, own modules
     assert q8.lm_head.bits == 8 and isinstance(variants[1]["model"].lm_head, Int8PackLinear)
     assert q8.get_input_embeddings().weight is base.get_input_embeddings().weight
