@@ -33,6 +33,17 @@ SUPPORTED = ("Int8Tensor (Int8WeightOnlyConfig, per row or PerGroup(32|64|128))"
              "IntxUnpackedToInt8Tensor (IntxWeightOnlyConfig with weight_dtype int4 or int8, "
              "PerGroup(32|64|128) or PerAxis(0))")
 _CACHE = "_actsparse_input_major"
+#: Which torchao config makes each weight type (for the error message).
+_MADE_BY = {
+    "Int8Tensor": "Int8WeightOnlyConfig / Int8DynamicActivationInt8WeightConfig",
+    "IntxUnpackedToInt8Tensor": "IntxWeightOnlyConfig / Int8DynamicActivationIntxWeightConfig",
+    "Int4Tensor": "Int4WeightOnlyConfig(int4_packing_format='plain')",
+    "Int4TilePackedTo4dTensor": "Int4WeightOnlyConfig(int4_packing_format='tile_packed_to_4d')",
+    "Int4PreshuffledTensor": "Int4WeightOnlyConfig(int4_packing_format='preshuffled')",
+    "Int4PlainInt32Tensor": "Int4WeightOnlyConfig(int4_packing_format='plain_int32')",
+    "IntxOpaqueTensor": "IntxWeightOnlyConfig(intx_packing_format='opaque_...')",
+    "Float8Tensor": "Float8WeightOnlyConfig / Float8DynamicActivationFloat8WeightConfig",
+}
 
 
 class UnsupportedTorchaoWeight(TypeError):
@@ -55,8 +66,10 @@ def _version() -> str:
 
 
 def _unsupported(w: Tensor, why: str) -> UnsupportedTorchaoWeight:
+    name = type(w).__name__
+    made_by = f", made by {_MADE_BY[name]}" if name in _MADE_BY else ""
     return UnsupportedTorchaoWeight(
-        f"actsparse cannot run a sparse kernel over torchao {_version()}'s {type(w).__name__} weight "
+        f"actsparse cannot run a sparse kernel over torchao {_version()}'s {name} weight{made_by} "
         f"(shape {tuple(w.shape)}): {why}. Supported: torchao >= {'.'.join(map(str, MIN_VERSION))}, "
         f"weight-only: {'; '.join(SUPPORTED)}. Leave this linear out of the plan, or quantize with "
         "one of those configs (or actsparse.quantize).")

@@ -137,7 +137,8 @@ def test_unsupported_configs_are_named():
 
     model = _model()
     quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-    with pytest.raises(tw.UnsupportedTorchaoWeight, match=r"torchao 0\.\d+.*quantizes activations.*Supported"):
+    with pytest.raises(tw.UnsupportedTorchaoWeight,
+                       match=r"torchao 0\.\d+.*Int8DynamicActivationInt8WeightConfig.*quantizes activations.*Supported"):
         tw.to_input_major(model.model.layers[0].mlp.up_proj.weight)
     model = _model()
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(16)))
