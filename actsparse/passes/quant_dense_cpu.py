@@ -1,10 +1,13 @@
 """On the CPU, the quantized linears no plan masks (``actsparse.quantize``, GGUF ``keep_quantized``)
 run the native quantized kernel with nothing masked.
 
-Left to Inductor, ``actsparse::quant_linear`` decomposes into dequantise-then-matmul, and on the
-CPU Inductor writes the dequantised float weight out on every call: several times slower than
-the float model (SmolLM2's int8 output head: about 280 ms a token against 34 ms in fp32; the
-native kernel reads the int8 bytes once, about 10 ms). So a CPU graph calls
+Left to Inductor, ``actsparse::quant_linear`` decomposes into dequantise-then-matmul, which on
+the CPU is slower than the float matmul (one thread, SmolLM2's 49152 x 576 output head in Q8_0
+layout, compiled alone: about 280 ms against 34 ms in fp32 and 10 ms on the native kernel;
+end to end, SmolLM2 ``keep_quantized`` with a 50% plan ran at 0.58x of dense fp32 with its head
+left to Inductor, 1.7x with it on the native kernel: ``benchmarks/results/
+cpu_decode_quant_gguf_inductor_head_smollm2-135m.json`` and ``..._gguf_smollm2-135m.json``).
+So a CPU graph calls
 ``quant_sparse_linear`` with a threshold below every |x| instead: decode rows take the native
 kernel, prefill rows the op's dense form. CUDA graphs are left to Inductor, which fuses the
 dequantisation into its GEMV.
