@@ -30,7 +30,7 @@ def refuse_quantized(rule: str, sites: list[Site]) -> None:
                         f"{', '.join(quant[:3])}; use TEAL thresholds or statistical top-k there")
 
 
-def _held_call(gm: fx.GraphModule, ctx, x: fx.Node, s: Site, t: float, per_token: bool, hint: float):
+def held_call(gm: fx.GraphModule, ctx, x: fx.Node, s: Site, t: float, per_token: bool, hint: float):
     """The torchao site's weight as our storage (converted once per parameter), held as a constant."""
     qw = input_major(weight_value(gm, s.weight))
     held = (qw.qweight, qw.scales) + (() if qw.offsets is None else (qw.offsets,))
@@ -61,7 +61,7 @@ def emit_quant_masks(gm: fx.GraphModule, ctx, x: fx.Node, part: list, per_token:
             continue
         with graph.inserting_before(s.node):
             if q.get("torchao"):
-                call = _held_call(gm, ctx, x, s, t, per_token, hint)
+                call = held_call(gm, ctx, x, s, t, per_token, hint)
             else:
                 call = graph.call_function(quant_sparse_linear_op, (
                     x, s.weight, q["scales"], q["offsets"], s.bias, float(t), per_token, q["bits"], q["group_size"],
