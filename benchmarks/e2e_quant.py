@@ -13,11 +13,23 @@ argmax, no host sync per token):
 * ``sparse-int8`` / ``sparse-int4``: ``backend="sparse"`` with the plan at each sparsity: the
   quantized sparse GEMV (``kernels/triton/quant_gemv``) at every masked linear.
 
+With torchao importable (``--torchao auto``, the default) three more variants, the same random
+weights quantized by torchao (every decoder linear; the output head stays bf16, as above):
+
+* ``dense-torchao-int8``: ``Int8WeightOnlyConfig()`` under Inductor with CUDA graphs;
+* ``dense-torchao-int4``: ``Int4WeightOnlyConfig(group_size=128, int4_packing_format=
+  "tile_packed_to_4d")`` (tinygemm's ``_weight_int4pack_mm``, bf16, CUDA only);
+* ``sparse-torchao-int8``: the torchao int8 model through ``backend="sparse"``: our quantized
+  GEMV over torchao's int8 data (converted once to input-major storage) at each sparsity.
+
+A torchao config that fails to build or run is recorded under ``errors`` and the run goes on.
+
 Rows are ordered so that the most telling ones (batch 1, 50%) come first, and written as they
 finish; ``--budget-s`` stops starting new rows so that the run ends within the machine's limit.
-torchao's dense int8 / int4 rows are not measured (torchao is not installed here).
 
     python -m benchmarks.e2e_quant --out $OUT/e2e_quant_h100.json
+    # the GPU machine has no package index: carry the wheel (see the report / README)
+    pip install --no-deps --no-index .wheels/torchao-0.18.0-*.whl && python -m benchmarks.e2e_quant ...
     python -m benchmarks.e2e_quant --tiny --device cpu --compiler eager --out q.json   # the CPU smoke path
 """
 
@@ -47,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=480, help="start no new row after this many seconds")
+    p.add_argument("--torchao", choices=["auto", "off"], default="auto",
+                   help="auto: add torchao's int8 / int4 rows when torchao imports")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -115,16 +129,50 @@ def check(models: dict, plan, args) -> dict:
     return out
 
 
-def row_order(args) -> list[tuple[int, str, int | None, float | None]]:
-    """(batch, kind, bits, sparsity) in the order they run: per batch the dense rows, then the
-    sparse ones at the first sparsity for each width, then the rest."""
+TORCHAO = {"torchao-int8": 8, "torchao-int4": 4}  # model key -> bits
+
+
+def row_order(args, torchao: tuple[str, ...] = ()) -> list[tuple[int, str, int | str | None, float | None]]:
+    """(batch, kind, model key, sparsity) in the order they run: per batch the dense rows, then
+    the sparse ones at the first sparsity for each width, then the rest. ``torchao``: the torchao
+    models built (their dense rows; sparse rows for torchao-int8, the layout our kernel reads)."""
     rows = []
     for batch in args.batches:
         rows.append((batch, "dense", None, None))
         rows += [(batch, "dense", b, None) for b in args.bits]
+        rows += [(batch, "dense", key, None) for key in torchao]
         for s in args.sparsity:
             rows += [(batch, "sparse", b, s) for b in args.bits]
+            rows += [(batch, "sparse", key, s) for key in torchao if key == "torchao-int8"]
     return rows
+
+
+def torchao_models(args, res: dict) -> dict:
+    """The torchao-quantized copies (see the module docstring); failures go to ``res``."""
+    if args.torchao == "off":
+        res["torchao"] = "off"
+        return {}
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as e:  # noqa: BLE001 - not installed, or built for another torch
+        res["torchao"] = f"not measured ({type(e).__name__}: {e})"
+        return {}
+    res["torchao"] = torchao.__version__
+    tuned = not args.tiny  # torchao's Inductor options (process-wide: not in the test path)
+    configs = {"torchao-int8": lambda: Int8WeightOnlyConfig(set_inductor_config=tuned)}
+    if args.device.startswith("cuda") and not args.tiny:  # tinygemm: bf16 weights on CUDA
+        configs["torchao-int4"] = lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    out = {}
+    for key, config in configs.items():
+        try:
+            model = build(args)
+            head = model.get_output_embeddings()
+            quantize_(model, config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+            out[key] = model
+        except Exception as e:  # noqa: BLE001 - one config failing must not lose the others
+            res.setdefault("errors", []).append(f"building {key}: {type(e).__name__}: {e}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -140,7 +188,7 @@ def main(argv=None) -> int:
            "command": "python -m benchmarks.e2e_quant " + " ".join(argv if argv is not None else sys.argv[1:]),
            "torch": torch.__version__, "model": "tiny-llama" if args.tiny else args.model,
            "layers": args.layers, "compiler": args.compiler, "new_tokens": args.new_tokens,
-           "group_size_int4": args.group_size, "torchao": "not measured (not installed)", "rows": []}
+           "group_size_int4": args.group_size, "rows": []}
 
     def save():
         out.write_text(json.dumps(res, indent=1))
@@ -153,37 +201,48 @@ def main(argv=None) -> int:
     models = {None: base}
     for bits in args.bits:  # the same random weights (same seed), quantized
         models[bits] = actsparse.quantize(build(args), bits=bits, group_size=args.group_size if bits == 4 else None)
+    models.update(torchao_models(args, res))
+    built_ao = tuple(k for k in TORCHAO if k in models)
+    import torch._inductor.config as inductor_config
+
+    # torchao's quantize_ sets its recommended Inductor options process-wide (before any row
+    # compiles): every row of the run, the bf16 baseline included, is compiled with them
+    res["inductor"] = {k: getattr(inductor_config, k) for k in ("coordinate_descent_tuning",
+                                                                "coordinate_descent_check_all_directions")}
     if cuda:
         res["memory_gib"] = torch.cuda.memory_allocated() / 2**30
     if args.check:
-        res["correctness"] = check({f"int{b}": models[b] for b in args.bits}, plans[args.sparsity[0]], args)
+        checked = {f"int{b}": models[b] for b in args.bits}
+        checked.update({k: models[k] for k in built_ao if k == "torchao-int8"})
+        res["correctness"] = check(checked, plans[args.sparsity[0]], args)
         print("correctness:", res["correctness"], flush=True)
         save()
     dense_rate: dict[int, float] = {}
-    for batch, kind, bits, s in row_order(args):
-        variant = f"{kind}-{'bf16' if bits is None else f'int{bits}'}"
+    for batch, kind, key, s in row_order(args, built_ao):
+        bits = TORCHAO.get(key, key)
+        variant = f"{kind}-{'bf16' if key is None else key if isinstance(key, str) else f'int{key}'}"
         if time.time() - t_start > args.budget_s:
             res.setdefault("skipped", []).append(f"{variant} batch {batch} sparsity {s}: out of time")
             continue
-        if batch not in dense_rate and not (kind == "dense" and bits is None):
+        if batch not in dense_rate and not (kind == "dense" and key is None):
             res.setdefault("skipped", []).append(f"{variant} batch {batch}: no dense baseline")
             continue
         ids = torch.randint(3, vocab, (batch, 32), device=args.device, generator=g)
         t0 = time.time()
         try:
-            rate = lean_decode_rate(models[bits], backend_for(plans[s] if kind == "sparse" else None, args), ids,
+            rate = lean_decode_rate(models[key], backend_for(plans[s] if kind == "sparse" else None, args), ids,
                                args.new_tokens, args.repeats)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
             res.setdefault("errors", []).append(f"{variant} batch {batch} sparsity {s}: {type(e).__name__}: {e}")
             save()
             continue
-        if kind == "dense" and bits is None:
+        if kind == "dense" and key is None:
             dense_rate[batch] = rate
         row = {"variant": variant, "bits": bits or 16, "batch": batch, "sparsity": s or 0.0, "tok_s": rate,
                "vs_dense": rate / dense_rate[batch], "seconds": time.time() - t0}
         res["rows"].append(row)
         save()
-        print(f"batch {batch} {variant:>12} {row['sparsity']:.0%}: {rate:9.1f} tok/s  x{row['vs_dense']:.2f}"
+        print(f"batch {batch} {variant:>20} {row['sparsity']:.0%}: {rate:9.1f} tok/s  x{row['vs_dense']:.2f}"
               f"  ({row['seconds']:.0f}s)", flush=True)
     res["seconds"] = time.time() - t_start
     save()

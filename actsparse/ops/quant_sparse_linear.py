@@ -1,5 +1,5 @@
 """``actsparse::quant_sparse_linear``: ``linear(x * (|x| > t), dequantize(W), b)`` over a
-quantized input-major weight (``actsparse.quantize``'s int8 or int4 storage).
+quantized input-major weight (``actsparse.quantize``'s int8, grouped int8 or int4 storage).
 
 What ``insert_masks`` puts in place of an ``actsparse::quant_linear`` that a plan masks (TEAL
 thresholds, or statistical top-k with ``per_token``). The weight is already stored input-major
@@ -41,8 +41,10 @@ def quant_gather_linear(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Op
     idx = mask.any(0).nonzero().squeeze(1)
     xs = torch.where(mask[:, idx], x2[:, idx], torch.zeros((), dtype=x2.dtype)).float()
     rows = qweight.index_select(0, idx)  # [active, N] int8 or [active, N / 2] packed int4
-    if bits == 8:
+    if bits == 8 and not group_size:
         y = (xs @ rows.float()) * scales.float()
+    elif bits == 8:  # grouped int8: each active channel's row times its group's scales
+        y = xs @ (rows.float() * scales.float()[idx // group_size])
     else:
         g = idx // group_size
         y = xs @ (unpack_int4(rows).float() * scales.float()[g] + offsets.float()[g])

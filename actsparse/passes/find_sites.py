@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..ops.quant_linear import quant_linear as _QUANT_LINEAR
 from ..plan.sharding import Shard
+from ..quant.torchao_weights import is_torchao_weight
 from .dtensor import local_weight, value_of
 
 _LINEAR_TARGETS = {torch._C._nn.linear, F.linear}
@@ -79,7 +80,7 @@ class Site:
     param: fx.Node | None = None  # the parameter's placeholder (``weight``, or what it is the local shard of)
     shard: Shard | None = None  # tensor parallel: how the weight is split over the ranks
     global_shape: tuple[int, int] | None = None  # the parameter's [out, in] (linear) as the plan knows it
-    quant: dict | None = None  # an actsparse.quantize linear: its scales/offsets nodes, bits, group_size
+    quant: dict | None = None  # actsparse.quantize: scales/offsets nodes, bits, group_size; torchao: {"torchao": True}
 
     @property
     def plan_shape(self) -> tuple[int, int]:
@@ -158,9 +159,10 @@ def _linear_site(node: fx.Node) -> Site | None:
         return None
     out_f, in_f = (shape[0], shape[1]) if kind == "linear" else (shape[1], shape[0])
     full = tuple(value_of(param).shape) if local is not None else None
+    quant = {"torchao": True} if kind == "linear" and is_torchao_weight(value_of(w)) else None
     return Site(node=node, module=owner[0], kind=kind, input=x, weight=w,
                 bias=b if isinstance(b, fx.Node) else None, out_features=out_f, in_features=in_f,
-                param=param, shard=shard, global_shape=full)
+                param=param, shard=shard, global_shape=full, quant=quant)
 
 
 def _is_pointwise(node: fx.Node) -> bool:

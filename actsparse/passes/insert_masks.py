@@ -85,9 +85,9 @@ def insert_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
             channel = wina and not per_token
             hint = max(ctx.implied_thresholds[m[0].module][1] if m[0].module in ctx.implied_thresholds
                        else ctx.hint(ctx.names.get(m[0].module, m[0].module)) for m in part)
-            quant = [m for m in part if m[0].quant is not None]  # actsparse.quantize linears
+            quant = [m for m in part if m[0].quant is not None]  # actsparse.quantize / torchao linears
             if quant:
-                ctx.stats.sparse_linear_calls += emit_quant_masks(graph, x, quant, per_token, hint, wina, orphans)
+                ctx.stats.sparse_linear_calls += emit_quant_masks(gm, ctx, x, quant, per_token, hint, wina, orphans)
                 ctx.stats.masked_sites += len(quant)
                 part = [m for m in part if m[0].quant is None]
                 if not part:

@@ -3,7 +3,8 @@
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
 order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
 plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads, turn exact (ReLU-family) rules into zero-threshold masks, rewrite CATS MLPs, input masks and
-learned predictors into actsparse ops, note which weights want input-major storage, and render
+learned predictors into actsparse ops, send the CPU's unmasked quantized linears to the native
+kernel, note which weights want input-major storage, and render
 the debug table.
 """
 
@@ -24,6 +25,7 @@ from .insert_masks import insert_masks
 from .insert_predictors import insert_predictors
 from .localize_dtensor import localize_dtensor
 from .mark_layouts import mark_layouts
+from .quant_dense_cpu import lower_dense_quant_cpu
 
 
 def find_sites(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -35,7 +37,7 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_exact, insert_cats, insert_masks,
-          insert_predictors, mark_layouts, render_table)
+          insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
 
 
 def run_passes(gm: fx.GraphModule, plan: SparsityPlan) -> PassContext:

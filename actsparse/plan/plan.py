@@ -176,7 +176,8 @@ class SparsityPlan:
         names = set().union(*(r.input_major_modules(linears) for r in self.rules.values()))
         mods = dict(model.named_modules())
         return sorted(n for n in names if isinstance(mods.get(n), torch.nn.Linear)
-                      and not hasattr(mods[n], "qweight"))  # quantized weights are stored input-major already
+                      and not hasattr(mods[n], "qweight")  # quantized weights are stored input-major already
+                      and type(mods[n].weight).__module__.split(".")[0] != "torchao")  # torchao: converted by the pass
 
     def check_consistency(self) -> None:
         """Raise PlanError where two rules claim the same MLP, or a rule lacks its tensors."""

@@ -2,6 +2,7 @@
 
     model = actsparse.quantize(model, bits=8)                  # int8, per output channel
     model = actsparse.quantize(model, bits=4, group_size=64)   # int4, groups along the input
+    model = actsparse.quantize(model, bits=8, group_size=32)   # int8, groups along the input (GGUF Q8_0's layout)
 
 Every nn.Linear except the output head (the decoder's linears, the ones a plan can mask)
 becomes a ``QuantLinear``; embeddings and the LM head keep their dtype. The quantized model
@@ -48,9 +49,10 @@ def _group_size(linears: dict[str, nn.Linear], group_size: int | None) -> int | 
 def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None) -> nn.Module:
     """Replace the model's linears (not the output head) by quantized ones, in place.
 
-    ``bits``: 8 (symmetric int8, one scale per output channel) or 4 (asymmetric int4, one
-    scale and offset per ``group_size`` input channels and output; ``group_size`` one of
-    GROUP_SIZES, default the largest that divides every layer's input width). Returns the model.
+    ``bits``: 8 (symmetric int8, one scale per output channel, or with ``group_size`` one per
+    group of input channels and output) or 4 (asymmetric int4, one scale and offset per
+    ``group_size`` input channels and output; ``group_size`` one of GROUP_SIZES, default the
+    largest that divides every layer's input width). Returns the model.
     """
     check_options(bits, group_size)
     if not isinstance(model, nn.Module):
@@ -58,7 +60,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None) -> 
     linears = quantizable_linears(model)
     if not linears:
         raise ValueError("the model has no nn.Linear to quantize (besides its output head)")
-    if bits == 4:
+    if bits == 4 or group_size is not None:
         group_size = _group_size(linears, group_size)
         odd = [f"{n} ({m.out_features})" for n, m in linears.items() if m.out_features % 2]
         if odd:

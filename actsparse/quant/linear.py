@@ -47,6 +47,6 @@ class QuantLinear(nn.Linear):
                                                         self.bits, self.group_size)
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        g = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"bits={self.bits}{g}"

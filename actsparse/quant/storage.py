@@ -7,6 +7,10 @@ zero on channel k never reads row k.
 * int8 (``bits=8``): ``qweight`` int8 [K, N], symmetric, one scale per output channel
   (``scales`` [N]): ``W[n, k] ~ qweight[k, n] * scales[n]``. The scale does not depend on k,
   so a kernel applies it once to each output's sum.
+* grouped int8 (``bits=8, group_size=G``): symmetric, one scale per (group of G input
+  channels, output): ``W[n, k] ~ qweight[k, n] * scales[k // G, n]``, ``scales``
+  [K / G, N]. GGUF's Q8_0 (G = 32) and torchao's per-group int8 are this layout; a kernel sums
+  each active group's channels and applies the group's scales once per group.
 * int4 (``bits=4``): asymmetric, one scale and one offset per (group of ``group_size`` input
   channels, output): ``W[n, k] ~ q[k, n] * scales[g, n] + offsets[g, n]``, q in 0..15,
   g = k // group_size, ``scales`` and ``offsets`` [K / group_size, N]. Two values per byte,
@@ -37,7 +41,7 @@ class QuantizedWeight:
     scales: Tensor
     offsets: Tensor | None
     bits: int
-    group_size: int  # int4: input channels per scale; int8: 0 (one scale per output)
+    group_size: int  # input channels per scale; 0 for int8 with one scale per output
     out_features: int
     in_features: int
 
@@ -51,12 +55,9 @@ def check_options(bits: int, group_size: int | None) -> None:
     """Raise ValueError on a bit width or group size this storage does not have."""
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    if bits == 8 and group_size is not None:
-        raise ValueError("group_size applies to bits=4 only (int8 has one scale per output channel); "
-                         f"got group_size={group_size!r}")
-    if bits == 4 and group_size is not None and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
-        raise ValueError(f"group_size must be one of {GROUP_SIZES} (input channels per int4 scale), "
-                         f"got {group_size!r}")
+    if group_size is not None and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} (input channels per scale; int8 also "
+                         f"takes None: one scale per output channel), got {group_size!r}")
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -73,14 +74,19 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.cat([packed & 0xF, packed >> 4], dim=1)
 
 
-def quantize_int8(w: Tensor) -> QuantizedWeight:
-    """Symmetric int8 with one scale per output channel, from an nn.Linear weight [N, K]."""
+def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """Symmetric int8 from an nn.Linear weight [N, K]: one scale per output channel, or per
+    (group of ``group_size`` input channels, output)."""
     n, k = w.shape
-    wf = w.detach().float()
-    amax = wf.abs().amax(dim=1)
+    if group_size and k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+    g = group_size or k
+    wg = w.detach().float().t().reshape(k // g, g, n)  # [groups, G, N], input-major
+    amax = wg.abs().amax(dim=1)  # [groups, N]
     scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(w.dtype)
-    q = torch.round(wf / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight(q.t().contiguous(), scales.contiguous(), None, 8, 0, n, k)
+    q = torch.round(wg / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8).reshape(k, n)
+    scales = scales if group_size else scales[0]
+    return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, group_size or 0, n, k)
 
 
 def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
@@ -106,15 +112,18 @@ def quantize_weight(w: Tensor, bits: int, group_size: int | None = None) -> Quan
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D linear weight, got shape {tuple(w.shape)}")
     if bits == 8:
-        return quantize_int8(w)
+        return quantize_int8(w, group_size)
     return quantize_int4(w, group_size or GROUP_SIZES[-1])
 
 
 def dequantize_input_major(qweight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int,
                            group_size: int) -> Tensor:
     """The dequantised weight in fp32, input-major [K, N] (``x @ result`` is the linear)."""
-    if bits == 8:
+    if bits == 8 and not group_size:
         return qweight.float() * scales.float()[None, :]
+    if bits == 8:
+        k, n = qweight.shape
+        return (qweight.float().reshape(k // group_size, group_size, n) * scales.float()[:, None]).reshape(k, n)
     q = unpack_int4(qweight).float()
     k, n = q.shape
     g = q.reshape(k // group_size, group_size, n)

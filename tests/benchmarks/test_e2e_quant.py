@@ -10,17 +10,34 @@ import pytest
 from benchmarks import e2e_quant
 
 
-def test_tiny_cpu_path(tmp_path):
+def _has_torchao() -> bool:
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.parametrize("torchao", ["auto", "off"])
+def test_tiny_cpu_path(tmp_path, torchao):
+    if torchao == "auto" and not _has_torchao():
+        pytest.skip("torchao is not installed")
     out = tmp_path / "q.json"
     e2e_quant.main(["--tiny", "--device", "cpu", "--compiler", "eager", "--sparsity", "0.5", "0.0",
-                    "--batches", "1", "--new-tokens", "3", "--repeats", "1", "--out", str(out)])
+                    "--batches", "1", "--new-tokens", "3", "--repeats", "1", "--torchao", torchao, "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["cpu"] == "cpu" and res["command"].startswith("python -m benchmarks.e2e_quant")
     assert all(v["ok"] for v in res["correctness"].values()), res["correctness"]
     got = {(r["variant"], r["bits"], r["sparsity"]) for r in res["rows"]}
-    assert got == {("dense-bf16", 16, 0.0), ("dense-int8", 8, 0.0), ("dense-int4", 4, 0.0),
-                   ("sparse-int8", 8, 0.5), ("sparse-int4", 4, 0.5), ("sparse-int8", 8, 0.0),
-                   ("sparse-int4", 4, 0.0)}
+    want = {("dense-bf16", 16, 0.0), ("dense-int8", 8, 0.0), ("dense-int4", 4, 0.0),
+            ("sparse-int8", 8, 0.5), ("sparse-int4", 4, 0.5), ("sparse-int8", 8, 0.0),
+            ("sparse-int4", 4, 0.0)}
+    if torchao == "auto":  # torchao's int8 on the CPU (its int4 tinygemm path is CUDA only)
+        want |= {("dense-torchao-int8", 8, 0.0), ("sparse-torchao-int8", 8, 0.5), ("sparse-torchao-int8", 8, 0.0)}
+        assert "torchao-int8" in res["correctness"] and res["torchao"].startswith("0.")
+    else:
+        assert res["torchao"] == "off"
+    assert got == want
     for r in res["rows"]:
         assert set(r) >= {"variant", "bits", "batch", "sparsity", "tok_s", "vs_dense"} and r["tok_s"] > 0
     assert "errors" not in res

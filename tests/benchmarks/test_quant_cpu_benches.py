@@ -58,3 +58,28 @@ def test_paired_ratios_cancel_load_between_rounds():
             {"variant": "ours", "runs": [20.0, 10.0, 4.0]}]
     paired(rows, "dense fp32 (inductor)")
     assert rows[1]["vs_dense_paired"] == 2.0 and rows[0]["vs_dense_paired"] == 1.0
+
+
+def test_variants_share_weights_and_quantize_the_head():
+    import argparse
+
+    from benchmarks.cpu_decode_quant import build_variants
+
+    base = tiny("llama", intermediate_size=96)
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    plans = {0.5: actsparse.SparsityPlan.from_thresholds(base, {n: 0.5 for n in names})}
+    args = argparse.Namespace(families=["int8"], quantize_head=True, no_int8pack=False)
+    variants = build_variants(args, base, plans, None)
+    assert [v["variant"] for v in variants] == ["dense fp32 (inductor)", "dense int8 (int8pack_mm, inductor)",
+                                                "dense int8 (actsparse, inductor)",
+                                                "dense int8 (actsparse native kernel)", "ours int8 50%"]
+    q8, ours = variants[2]["model"], variants[4]["model"]
+    assert q8 is not ours and q8.lm_head.qweight is ours.lm_head.qweight  # same tensors, own modules
+    assert q8.lm_head.bits == 8 and isinstance(variants[1]["model"].lm_head, Int8PackLinear)
+    assert q8.get_input_embeddings().weight is base.get_input_embeddings().weight
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        ref = base(ids).logits
+        for v in variants[1:3]:
+            out = v["model"](ids).logits
+            assert float((out - ref).norm() / ref.norm()) < 0.05

@@ -26,15 +26,17 @@ def _close(got, ref, dtype):
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=st.sampled_from([8, 4]), rows=st.integers(1, 5), groups=st.integers(1, 5), n_half=st.integers(1, 37),
+@given(bits=st.sampled_from([8, 4, "8g"]), rows=st.integers(1, 5), groups=st.integers(1, 5), n_half=st.integers(1, 37),
        group=st.sampled_from([32, 64]), dtype=st.sampled_from(list(TOL)), t=st.sampled_from([0.0, 0.3, 0.9, 1e9]),
        per_token=st.booleans(), bias=st.booleans(), parts=st.integers(1, 5), wdtype=st.sampled_from(
            [torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_kernel_matches_reference(bits, rows, groups, n_half, group, dtype, t, per_token, bias, parts, wdtype, seed):
     gen = torch.Generator().manual_seed(seed)
+    grouped = bits != 8  # "8g": int8 with one scale per group (GGUF Q8_0's layout)
+    bits = 8 if bits == "8g" else bits
     n = 2 * n_half + (1 if bits == 8 and seed % 2 else 0)  # odd outputs where the format allows (int8)
-    k = groups * group if bits == 4 else groups * 13 + seed % 7  # odd input widths for int8
-    qw = quantize_weight((torch.randn(n, k, generator=gen) / 4).to(wdtype), bits, group if bits == 4 else None)
+    k = groups * group if grouped else groups * 13 + seed % 7  # odd input widths for per-channel int8
+    qw = quantize_weight((torch.randn(n, k, generator=gen) / 4).to(wdtype), bits, group if grouped else None)
     x = torch.randn(rows, k, generator=gen)
     x[:, : k // 3] *= 0.1  # some channels (int4: whole groups) mostly inactive
     x = x.to(dtype)
@@ -54,6 +56,9 @@ def test_kernel_rejects_bad_input():
         quant.quant_input_sparse_linear(torch.randn(1, 64), qw.qweight, qw.scales, None, None, 0.1, 4, 32)
     with pytest.raises(RuntimeError, match="bits"):
         quant.quant_input_sparse_linear(torch.randn(1, 64), qw.qweight, qw.scales, qw.offsets, None, 0.1, 3, 32)
+    g8 = quantize_weight(torch.randn(6, 64), 8, 32)
+    with pytest.raises(RuntimeError, match="K / group_size, N"):
+        quant.quant_input_sparse_linear(torch.randn(1, 64), g8.qweight, g8.scales[:1], None, None, 0.1, 8, 32)
     q8 = quantize_weight(torch.randn(6, 64), 8)
     with pytest.raises(RuntimeError, match="one scale per output"):
         quant.quant_input_sparse_linear(torch.randn(1, 64), q8.qweight, q8.scales[:3], None, None, 0.1, 8, 0)

@@ -42,7 +42,9 @@ def threshold_for(x, sparsity):
 def check(m, k, n, bits, group, dtype, sparsity, per_token, bias, config, seed):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) / 4).to(dtype)
-    qw = quantize_weight(w, bits, group if bits == 4 else None)
+    grouped = bits == "8g"  # int8 with one scale per group of input channels
+    bits = 8 if grouped else bits
+    qw = quantize_weight(w, bits, group if bits == 4 or grouped else None)
     x = torch.randn(m, k, generator=g).to(dtype)
     b = (torch.randn(n, generator=g) / 10).to(dtype) if bias else None
     rs = x.float().abs().mean(-1) if per_token else None
@@ -58,7 +60,7 @@ def check(m, k, n, bits, group, dtype, sparsity, per_token, bias, config, seed):
 
 
 @pytest.mark.parametrize("bits,k,n,group", [(8, 100, 70, 0), (8, 33, 5, 0), (4, 96, 46, 32), (4, 128, 2, 64),
-                                            (4, 256, 38, 128)])
+                                            (4, 256, 38, 128), ("8g", 96, 35, 32), ("8g", 128, 6, 64)])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 def test_against_reference(bits, k, n, group, m, sparsity):
@@ -66,7 +68,7 @@ def test_against_reference(bits, k, n, group, m, sparsity):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "8g"])
 def test_configs(config, bits):
     check(2, 128, 34, bits, 32, torch.float32, 0.4, False, False, config, seed=1)
     check(1, 128, 34, bits, 32, torch.float32, 0.4, False, False, config, seed=2)
@@ -85,12 +87,15 @@ def test_random_shapes(bits, m, groups, half, sparsity, per_token, bias, bf16, s
 def test_skipped_channels_are_not_read():
     """NaN weights on inactive channels do not reach the output: their rows are never loaded."""
     k, n = 64, 16
-    for bits in (8, 4):
-        qw = quantize_weight(torch.randn(n, k), bits, 32 if bits == 4 else None)
+    for bits, gs in ((8, None), (4, 32), (8, 32)):
+        qw = quantize_weight(torch.randn(n, k), bits, gs)
         x = torch.zeros(1, k)
         x[0, 40:44] = 1.0  # only channels 40..43 (group 1) are active
         scales = qw.scales.clone().float()
-        if bits == 4:
+        if gs and bits == 8:
+            scales[0] = float("nan")
+            offsets = None
+        elif bits == 4:
             scales[0] = float("nan")  # group 0 holds no active channel: its scales are never read
             offsets = qw.offsets.clone().float()
             offsets[0] = float("nan")

@@ -20,7 +20,8 @@ PATHS = [pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=
 
 def _case(bits, rows, lead3, bias, seed, k=64, n=38):
     g = torch.Generator().manual_seed(seed)
-    qw = quantize_weight(torch.randn(n, k, generator=g) / 4, bits, 32 if bits == 4 else None)
+    grouped = bits == "8g"  # int8 with one scale per group of 32 input channels
+    qw = quantize_weight(torch.randn(n, k, generator=g) / 4, 8 if grouped else bits, 32 if bits != 8 else None)
     shape = (rows, 1, k) if lead3 else (rows, k)
     x = torch.randn(*shape, generator=g)
     b = torch.randn(n, generator=g) / 10 if bias else None
@@ -28,11 +29,12 @@ def _case(bits, rows, lead3, bias, seed, k=64, n=38):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "8g"])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_paths_match_reference(path, bits, rows, per_token):
-    qw, x, b = _case(bits, rows, rows == 3, True, seed=bits * 10 + rows)
+    qw, x, b = _case(bits, rows, rows == 3, True, seed=len(str(bits)) * 10 + rows)
+    bits = qw.bits
     t = 0.8 if per_token else 0.6
     with dispatch.forced(path):
         out = OP(x, qw.qweight, qw.scales, qw.offsets, b, t, per_token, bits, qw.group_size, 0.5)

@@ -15,7 +15,7 @@ def _model(**kw):
     return tiny("llama", intermediate_size=96, **kw)
 
 
-@pytest.mark.parametrize("bits,gs", [(8, None), (4, 32), (4, None)])
+@pytest.mark.parametrize("bits,gs", [(8, None), (8, 32), (4, 32), (4, None)])
 def test_quantize_replaces_decoder_linears(bits, gs):
     model = _model()
     names = set(quantizable_linears(model))
@@ -27,7 +27,7 @@ def test_quantize_replaces_decoder_linears(bits, gs):
     assert names and all(isinstance(mods[n], QuantLinear) for n in names)
     assert not isinstance(model.get_output_embeddings(), QuantLinear)
     assert all(mods[n].bits == bits for n in names)
-    if bits == 4:
+    if gs is not None or bits == 4:
         assert all(mods[n].group_size == 32 for n in names)  # 64 and 96 wide inputs: 32 divides both
     with torch.no_grad():
         out = model(ids).logits
@@ -50,8 +50,8 @@ def test_quantized_linear_matches_its_dequantised_weight():
 def test_options_are_validated():
     with pytest.raises(ValueError, match="bits must be"):
         actsparse.quantize(_model(), bits=2)
-    with pytest.raises(ValueError, match="group_size applies to bits=4"):
-        actsparse.quantize(_model(), bits=8, group_size=64)
+    with pytest.raises(ValueError, match="does not divide"):
+        actsparse.quantize(_model(), bits=8, group_size=64)  # grouped int8: the same divisibility
     with pytest.raises(ValueError, match="does not divide"):
         actsparse.quantize(_model(), bits=4, group_size=64)  # the MLP's 96-wide down input
     with pytest.raises(TypeError, match="nn.Module"):

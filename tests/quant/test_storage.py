@@ -75,15 +75,36 @@ def test_int4_exact_on_representable_weights():
     assert torch.equal(qw.dequantize(), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64])
+def test_grouped_int8_error_bound_and_layout(group, dtype):
+    n, k = 70, 3 * group
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(group)) / 3).to(dtype)
+    w[:, :group] *= 0.01  # a group of small weights gets its own, finer, scale
+    qw = quantize_weight(w, 8, group)
+    assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == (k, n) and qw.qweight.is_contiguous()
+    assert qw.scales.shape == (k // group, n) and qw.offsets is None and qw.group_size == group
+    err = (qw.dequantize() - w.float()).abs().t()  # [K, N]
+    step = qw.scales.float().repeat_interleave(group, 0)
+    assert bool((err <= 0.5 * step * (1 + 1e-3) + 1e-7).all()), float((err / step).max())
+    assert float(qw.scales.float()[0].max()) < 0.05 * float(qw.scales.float()[1].min())
+
+
+def test_grouped_int8_is_per_channel_int8_with_one_group():
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(1))
+    a, b = quantize_weight(w, 8), quantize_weight(w, 8, 128)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales[0])
+
+
 def test_constant_and_zero_weights():
-    for bits, gs in ((8, None), (4, 32)):
+    for bits, gs in ((8, None), (8, 32), (4, 32)):
         w = torch.zeros(4, 32)
         w[1] = 0.5
         qw = quantize_weight(w, bits, gs)
         assert torch.equal(qw.dequantize(), w)
 
 
-@pytest.mark.parametrize("bits,gs,msg", [(3, None, "bits must be"), (8, 64, "group_size applies"),
+@pytest.mark.parametrize("bits,gs,msg", [(3, None, "bits must be"), (8, 48, "group_size must be"),
                                           (4, 48, "group_size must be"), (True, None, "bits must be")])
 def test_options_rejected(bits, gs, msg):
     with pytest.raises(ValueError, match=msg):

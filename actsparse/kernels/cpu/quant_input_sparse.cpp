@@ -6,13 +6,16 @@
 //
 // * int8: W[n, k] = q[k, n] * s[n]. The scale does not depend on k, so the kernel sums
 //   x[m, k] * q[k, n] over the active channels in fp32 and multiplies by s[n] once at the end.
+// * grouped int8: W[n, k] = q[k, n] * s[g, n], g = k / G. Per group with at least one active
+//   channel: a[n] = sum x[k] q[k, n] over its active channels, then y[n] += s[g, n] a[n]. A
+//   group with no active channel reads neither its weights nor its scales.
 // * int4: W[n, k] = q[k, n] * s[g, n] + o[g, n], g = k / G, two values per byte ("half-split":
 //   byte j of a row holds output j in its low nibble and output j + N/2 in its high one).
 //   Per group with at least one active channel: a[n] = sum x[k] q[k, n] and xs = sum x[k] over
 //   its active channels, then y[n] += s[g, n] a[n] + o[g, n] xs. A group with no active channel
 //   reads neither its weights nor its scales.
 //
-// Accumulation is fp32 throughout; the active channels (int8) or active groups (int4) are split
+// Accumulation is fp32 throughout; the active channels (int8) or active groups (grouped) are split
 // across threads, each with a private partial sum, and the partial sums are added.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -177,6 +180,54 @@ torch::Tensor run_int4(const torch::Tensor& x, const torch::Tensor& q, const tor
   return finish(partial, parts, bias, nullptr, x.scalar_type());
 }
 
+
+// Groups of the active channels: starts[i]..starts[i + 1] index the channels of the i-th
+// active group (idx ascending); returns the number of active groups (starts gets one more entry).
+int64_t active_groups(const std::vector<int64_t>& idx, int64_t group, std::vector<int64_t>& starts) {
+  for (int64_t i = 0; i < static_cast<int64_t>(idx.size()); ++i) {
+    if (i == 0 || idx[i] / group != idx[i - 1] / group) starts.push_back(i);
+  }
+  const int64_t groups = static_cast<int64_t>(starts.size());
+  starts.push_back(static_cast<int64_t>(idx.size()));
+  return groups;
+}
+
+template <typename T>
+torch::Tensor run_int8_grouped(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                               const c10::optional<torch::Tensor>& bias, const float* cut, int64_t group,
+                               int64_t parts) {
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(1);
+  std::vector<int64_t> idx;
+  std::vector<float> val;
+  collect<T>(x.data_ptr<T>(), m, k, cut, idx, val);
+  std::vector<int64_t> starts;
+  const int64_t groups = active_groups(idx, group, starts);
+  parts = std::max<int64_t>(1, std::min<int64_t>(parts, groups));
+  auto partial = torch::zeros({parts, m, n}, x.options().dtype(torch::kFloat32));
+  auto sc = scales.to(torch::kFloat32).contiguous();
+  float* pp = partial.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(m * n);
+    for (int64_t p = begin; p < end; ++p) {
+      float* y = pp + p * m * n;
+      for (int64_t gi = groups * p / parts; gi < groups * (p + 1) / parts; ++gi) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const int64_t lo = starts[gi], hi = starts[gi + 1];
+        int8_rows(acc.data(), qp, n, m, idx.data() + lo, val.data() + lo * m, hi - lo);
+        const float* __restrict__ s = sp + (idx[lo] / group) * n;
+        for (int64_t row = 0; row < m; ++row) {
+          const float* __restrict__ a = acc.data() + row * n;
+          float* __restrict__ yr = y + row * n;
+          for (int64_t j = 0; j < n; ++j) yr[j] += s[j] * a[j];
+        }
+      }
+    }
+  });
+  return finish(partial, parts, bias, nullptr, x.scalar_type());
+}
+
 }  // namespace
 
 torch::Tensor quant_input_sparse_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
@@ -203,6 +254,13 @@ torch::Tensor quant_input_sparse_linear(torch::Tensor x, torch::Tensor qweight, 
     case torch::kFloat16: { using T = c10::Half; return CALL; }               \
     default: TORCH_CHECK(false, "unsupported activation dtype ", xc.scalar_type()); \
   }
+  if (bits == 8 && group_size > 0) {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8 weights must be int8");
+    TORCH_CHECK(k % group_size == 0, "group_size must divide the input width");
+    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == k / group_size && scales.size(1) == qweight.size(1),
+                "grouped int8 scales must be [K / group_size, N]");
+    ACTSPARSE_QUANT_DISPATCH((run_int8_grouped<T>(xc, qweight, scales, bias, cut.data(), group_size, parts)));
+  }
   if (bits == 8) {
     TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8 weights must be int8");
     TORCH_CHECK(scales.numel() == qweight.size(1), "int8 needs one scale per output");
@@ -221,5 +279,5 @@ torch::Tensor quant_input_sparse_linear(torch::Tensor x, torch::Tensor qweight, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_input_sparse_linear", &quant_input_sparse_linear,
-        "input-sparse linear over an int8 or int4 input-major weight");
+        "input-sparse linear over an int8, grouped int8 or int4 input-major weight");
 }

@@ -1,6 +1,7 @@
 """Input-sparse linear over quantized input-major weights: y = (x masked by |x| > t) @ dequant(W).
 
-The weights are ``actsparse.quant.storage``'s: int8 [K, N] with one scale per output, or int4
+The weights are ``actsparse.quant.storage``'s: int8 [K, N] with one scale per output (or, grouped,
+one per group of G input channels and output: GGUF Q8_0's layout), or int4
 packed two per byte [K, N / 2] (byte j of row k: output j low nibble, output j + N / 2 high
 nibble) with a scale and an offset per (group of G input channels, output). Row k is input
 channel k's weights, contiguous, so a channel no batch row needs costs no weight bytes.
@@ -12,7 +13,8 @@ One program per (block of BLOCK_N byte columns) x (chunk of CHUNK input channels
    memory transaction, so an inactive channel's row is never read (TEAL's scheme; no compacted
    channel list, so at high sparsity the loop still takes one iteration per BLOCK_K channels).
 2. Dequantise in registers, accumulate in fp32. int8: ``x * q`` summed, the per-output scale
-   applied once at the end. int4: a step lies inside one group (BLOCK_K divides G), so the
+   applied once at the end; grouped int8: ``x * q * s[group]``. int4: a step lies inside one
+   group (BLOCK_K divides G; grouped int8 too), so the
    group's scales and offsets are loaded once per step, and only if some channel of the step is
    active; each channel is skipped on its own (granularity: one input channel, N / 2 bytes).
    The low nibbles feed outputs [j], the high ones outputs [j + N / 2]: two accumulators, no
@@ -43,7 +45,7 @@ def _quant_gemv_kernel(
     M, K, NC, N, G,
     stride_xm, stride_xk, stride_qk,
     KEY_M, KEY_BITS, KEY_S, KEY_DEV,  # only for the autotune key
-    BITS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -69,7 +71,12 @@ def _quant_gemv_kernel(
         keep = (tl.abs(xg.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & r_ok[None, :]
         on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
         q = tl.load(Q + rows[:, None] * stride_qk + offs_c[None, :], mask=on[:, None] & c_ok[None, :], other=0)
-        if BITS == 8:
+        if BITS == 8 and GROUPED:
+            grp = (k0 + kb) // G
+            n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
+            g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
+            w = q.to(tl.float32) * g_s[None, :]
+        elif BITS == 8:
             w = q.to(tl.float32)
         else:
             grp = (k0 + kb) // G
@@ -104,7 +111,7 @@ def _quant_gemv_kernel(
         part = acc
         part_hi = acc_hi
     out_ok = m_ok[:, None] & c_ok[None, :]
-    if BITS == 8:
+    if BITS == 8 and not GROUPED:
         s = tl.load(S + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         part = part * s[None, :]
     tl.atomic_add(Y + offs_m[:, None] * N + offs_c[None, :], part, mask=out_ok, sem="relaxed")
@@ -166,6 +173,8 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
         assert offsets is not None and group_size > 0 and K % group_size == 0
         assert scales.shape == (K // group_size, n) and offsets.shape == scales.shape
         offsets = offsets.contiguous()
+    elif group_size:
+        assert K % group_size == 0 and scales.shape == (K // group_size, n)
     else:
         assert scales.shape == (n,)
         group_size = 0
@@ -178,8 +187,8 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
     m_pad = rows_pad(M)
     args = [x, rs if rs is not None else y, qweight, scales, offsets if offsets is not None else scales, y,
             float(threshold), M, K, nc, n, group_size, x.stride(0), x.stride(1), qweight.stride(0),
-            m_pad, bits, rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
-    meta = dict(BITS=bits, HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(x.dtype))
+            m_pad, bits + (100 if group_size else 0), rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
+    meta = dict(BITS=bits, GROUPED=group_size > 0, HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(x.dtype))
 
     def grid(meta_):
         return (triton.cdiv(nc, meta_["BLOCK_N"]), triton.cdiv(K, meta_["CHUNK"]))
@@ -188,7 +197,7 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
         config = INTERPRET_CONFIG
     if config is not None:
         cfg = dict(config)
-        assert group_size == 0 or group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the int4 group"
+        assert group_size == 0 or group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group"
         _quant_gemv_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
         _tuned(m_pad)[grid](*args, **meta)
