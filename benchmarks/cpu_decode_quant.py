@@ -47,6 +47,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from actsparse.models import load, shaped
 
     torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.cpu_decode_quant " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.cpu_decode_quant " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.random_shape:
         base = shaped(args.random_shape, dtype=torch.float32, device="cpu", num_layers=args.layers).eval()
         gen = torch.Generator().manual_seed(0)
