@@ -307,7 +307,7 @@ def run_model(name: str, args, out: Path) -> dict:
                      greedy_tokens=args.greedy_tokens, wina=any(base_method(m)[1] for m in pending))
     data["calibration_seconds"] = {"statistics": round(time.perf_counter() - t0, 1)}
     for label, wina in (("greedy", False), ("greedy_wina", True)):
-        if any(base_method(m) == ("teal-greedy", wina) or (m == "rsparse" and not wina) for m in pending):
+        if any(base_method(m) == ("teal-greedy", wina) or (m in ("rsparse", "teal-greedy-seq") and not wina) for m in pending):
             t0 = time.perf_counter()
             greedy_for(cal, max(args.targets), wina=wina)
             data["calibration_seconds"][label] = round(time.perf_counter() - t0, 1)

@@ -76,3 +76,15 @@ def test_teal_seq_plan_lowers_to_the_hook_reference(llama_cal, tmp_path):
         ref = prefill_decode(model.forward, model, ids, dec)
     for x, y in zip(got, ref):
         assert (x - y).abs().max() <= 2e-4 * y.abs().max() + 1e-5
+
+
+def test_greedy_seq_takes_the_greedy_allocation_with_sequential_thresholds():
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (3000,), generator=torch.Generator().manual_seed(0))
+    cal = Calibrator(model, ids, methods=("teal-greedy", "teal-greedy-seq"), token_budget=1024, seq_len=64,
+                     progress=False, greedy_step=0.04)
+    plan, greedy = cal.plan("teal-greedy-seq", 0.5), cal.plan("teal-greedy", 0.5)
+    assert plan.thresholds.keys() == greedy.thresholds.keys()
+    for m, s in greedy.measured.items():  # the same per-linear sparsities, reached on masked inputs
+        assert plan.measured[m] == pytest.approx(s, abs=0.03), m
+    assert plan.overall_sparsity == pytest.approx(greedy.overall_sparsity, abs=0.01)
