@@ -111,3 +111,18 @@ def test_another_rule_on_the_same_linear_is_refused():
     plan.thresholds = {SITES[0].module: 0.1}
     with pytest.raises(Exception, match="rsparse rule and another rule"):
         _compiled(plan, *_ids(0))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_matches_the_eager_reference():
+    plan = _plan(5)
+    ids, dec = _ids(5)
+    torch._dynamo.reset()
+    try:
+        got = prefill_decode(torch.compile(MODEL.forward, backend=actsparse.backend(plan)), MODEL, ids, dec)
+    finally:
+        torch._dynamo.reset()
+    with applied(MODEL, plan):
+        ref = prefill_decode(MODEL.forward, MODEL, ids, dec)
+    for x, y in zip(got, ref):
+        assert (x - y).abs().max() <= 2e-4 * y.abs().max() + 1e-5
