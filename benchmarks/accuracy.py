@@ -349,6 +349,9 @@ def _plan_summary(plan) -> dict:
         keep["cett_mean_error"] = round(plan.info["cett"]["mean_error"], 5)
     if "greedy" in plan.info:
         keep["greedy_evaluations"] = plan.info["greedy"]["evaluations"]
+    if "rsparse" in plan.info:
+        keep["rsparse"] = {k: plan.info["rsparse"][k] for k in ("base", "lowrank_fraction_of_dense", "mask_sparsity",
+                                                              "ranked_linears")}
     return keep
 
 

@@ -120,3 +120,15 @@ def test_observer_counts_lowrank_factors_as_read():
     assert obs.sparsity() == (75 - 20) / 400 and obs.masked_sparsity() == 0.75
     obs.reset()
     assert obs.sparsity() == 0.0
+
+
+def test_plan_summary_keeps_the_rsparse_split():
+    from types import SimpleNamespace
+
+    from benchmarks.accuracy import _plan_summary
+
+    info = {"tokens": 4096, "rsparse": {"base": "teal-greedy", "lowrank_fraction_of_dense": 0.003,
+                                        "mask_sparsity": 0.503, "ranked_linears": 12, "tokens": 512}}
+    got = _plan_summary(SimpleNamespace(info=info))
+    assert got == {"tokens": 4096, "rsparse": {"base": "teal-greedy", "lowrank_fraction_of_dense": 0.003,
+                                               "mask_sparsity": 0.503, "ranked_linears": 12}}
