@@ -61,6 +61,7 @@ class MaskObserver:
         self.total_params = total_params
         self.active = True
         self.sums: dict[tuple, list[float]] = {}  # weight key -> [sum of zero fractions * rows, rows, numel]
+        self.lowrank: dict[str, int] = {}  # rsparse factors (key -> r * (in + out)): read every token
 
     def _add(self, w: torch.Tensor, mask: torch.Tensor) -> None:
         key = (w.data_ptr(), tuple(w.shape))
@@ -101,8 +102,15 @@ class MaskObserver:
         self._add(w_up, mask)
         self._add(w_down, mask)
 
+    def lowrank_factors(self, x, key, out_features, threshold):
+        if self.active:
+            from actsparse.ops import constants
+
+            self.lowrank[key] = sum(t.numel() for t in constants.lookup(key))
+
     def sparsity(self) -> float:
-        skipped = sum(p * z / max(r, 1) for z, r, p in self.sums.values())
+        """Effective: weights skipped minus the low-rank factors read (rsparse), over the total."""
+        skipped = sum(p * z / max(r, 1) for z, r, p in self.sums.values()) - sum(self.lowrank.values())
         return skipped / self.total_params if self.total_params else 0.0
 
     def masked_sparsity(self) -> float:
@@ -118,6 +126,7 @@ class MaskObserver:
     def reset(self) -> None:
         """Forget the counts, to measure a second text with the same compiled graph."""
         self.sums.clear()
+        self.lowrank.clear()
         self.active = True
 
 
@@ -134,7 +143,8 @@ class ObservingBackend:
         compiled = self.inner(gm, example_inputs)  # rewrites gm in place; holds the graph's constants
         fns = {torch.ops.actsparse.sparse_linear.default: self.observer.linear,
                torch.ops.actsparse.channel_sparse_linear.default: self.observer.channel,
-               torch.ops.actsparse.gated_mlp.default: self.observer.gated}
+               torch.ops.actsparse.gated_mlp.default: self.observer.gated,
+               torch.ops.actsparse.lowrank_complement.default: self.observer.lowrank_factors}
         from actsparse.ops.dense import masked_gated_mlp, masked_input
 
         fns[masked_gated_mlp] = self.observer.gated  # CATS's masked dense form (prefill): same arguments
@@ -297,7 +307,7 @@ def run_model(name: str, args, out: Path) -> dict:
                      greedy_tokens=args.greedy_tokens, wina=any(base_method(m)[1] for m in pending))
     data["calibration_seconds"] = {"statistics": round(time.perf_counter() - t0, 1)}
     for label, wina in (("greedy", False), ("greedy_wina", True)):
-        if any(base_method(m) == ("teal-greedy", wina) for m in pending):
+        if any(base_method(m) == ("teal-greedy", wina) or (m in ("rsparse", "teal-greedy-seq") and not wina) for m in pending):
             t0 = time.perf_counter()
             greedy_for(cal, max(args.targets), wina=wina)
             data["calibration_seconds"][label] = round(time.perf_counter() - t0, 1)
@@ -339,6 +349,9 @@ def _plan_summary(plan) -> dict:
         keep["cett_mean_error"] = round(plan.info["cett"]["mean_error"], 5)
     if "greedy" in plan.info:
         keep["greedy_evaluations"] = plan.info["greedy"]["evaluations"]
+    if "rsparse" in plan.info:
+        keep["rsparse"] = {k: plan.info["rsparse"][k] for k in ("base", "lowrank_fraction_of_dense", "mask_sparsity",
+                                                              "ranked_linears")}
     return keep
 
 
@@ -363,7 +376,9 @@ def _config(args, split: dict) -> dict:
                               "over every maskable decoder linear (LM head excluded; unmasked linears count 0)",
         "target_meaning": "teal, teal-greedy, stat-topk: sparsity of every masked linear input; cats, cett: "
                           "MLP neuron sparsity (up/down columns); cett: error budget searched to reach it; "
-                          "+wina: the same with WINA scores |x_i| * ||W[:, i]||",
+                          "+wina: the same with WINA scores |x_i| * ||W[:, i]||; teal-seq: as teal, each threshold "
+                          "calibrated on the masked model's activations; rsparse: effective sparsity, the low-rank "
+                          "factors' weights counted as read (effective sparsity column likewise)",
     }
 
 

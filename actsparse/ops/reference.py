@@ -236,3 +236,16 @@ def quant_sparse_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, of
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, w.shape[1])
+
+
+def lowrank_complement_reference(x: Tensor, a: Tensor, b: Tensor, threshold: float) -> Tensor:
+    """``A (B (x * (|x| <= t)))``: the low-rank part of a sparse + low-rank (R-Sparse) linear."""
+    xc = torch.where(x.abs().float() > threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return F.linear(F.linear(xc.float(), b.float()), a.float()).to(x.dtype)
+
+
+def rsparse_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, threshold: float,
+                             a: Tensor | None, b: Tensor | None) -> Tensor:
+    """``W (x * m) + A (B (x * (1 - m))) + bias`` with ``m = |x| > t`` (no low-rank part without A, B)."""
+    y = sparse_linear_reference(x, [weight], [bias], [threshold], False)[0]
+    return y if a is None else y + lowrank_complement_reference(x, a, b, threshold)

@@ -23,6 +23,7 @@ from .insert_exact import insert_exact
 from .insert_head_routing import insert_head_routing
 from .insert_masks import insert_masks
 from .insert_predictors import insert_predictors
+from .insert_rsparse import insert_rsparse
 from .localize_dtensor import localize_dtensor
 from .mark_layouts import mark_layouts
 from .quant_dense_cpu import lower_dense_quant_cpu
@@ -36,8 +37,8 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_exact, insert_cats, insert_masks,
-          insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
+PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_exact, insert_cats,
+          insert_rsparse, insert_masks, insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
 
 
 def run_passes(gm: fx.GraphModule, plan: SparsityPlan) -> PassContext:

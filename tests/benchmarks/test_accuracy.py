@@ -100,3 +100,35 @@ def test_observer_masked_sparsity_counts_masked_linears_only():
     assert obs.masked_sparsity() == 0.75
     obs.reset()
     assert obs.masked_sparsity() == 0.0 and obs.active
+
+
+def test_observer_counts_lowrank_factors_as_read():
+    import torch
+
+    from actsparse.ops import constants
+    from benchmarks.accuracy import MaskObserver
+
+    obs = MaskObserver(total_params=400)
+    obs._add(torch.zeros(10, 10), torch.tensor([[True, False, False, False]]))
+    scope = constants.ConstantScope()
+    key = scope.add("rsparse:x", torch.zeros(10, 1), torch.zeros(1, 10))  # rank 1: 20 weights read per token
+    try:
+        obs.lowrank_factors(None, key, 10, 0.1)
+        obs.lowrank_factors(None, key, 10, 0.1)  # every call reads the same factors: counted once
+    finally:
+        constants.release(tuple(scope.keys))
+    assert obs.sparsity() == (75 - 20) / 400 and obs.masked_sparsity() == 0.75
+    obs.reset()
+    assert obs.sparsity() == 0.0
+
+
+def test_plan_summary_keeps_the_rsparse_split():
+    from types import SimpleNamespace
+
+    from benchmarks.accuracy import _plan_summary
+
+    info = {"tokens": 4096, "rsparse": {"base": "teal-greedy", "lowrank_fraction_of_dense": 0.003,
+                                        "mask_sparsity": 0.503, "ranked_linears": 12, "tokens": 512}}
+    got = _plan_summary(SimpleNamespace(info=info))
+    assert got == {"tokens": 4096, "rsparse": {"base": "teal-greedy", "lowrank_fraction_of_dense": 0.003,
+                                               "mask_sparsity": 0.503, "ranked_linears": 12}}

@@ -1,0 +1,132 @@
+"""Sparse plus low-rank linears (after R-Sparse): ``y = W (x*m) + A (B (x*(1-m))) + b``.
+
+``m = |x| > t``: the large input channels go through the weight itself, read input-sparse as
+with a TEAL threshold; the rest through a rank-r factorisation ``A B`` of the weight (from its
+SVD), two thin dense products. Per linear the plan holds the threshold, the fraction of inputs
+it masked on the calibration data (the kernels' sparsity hint), the rank and the weight's shape; the factors are the tensors ``"<module>.a"`` [out, r] and ``"<module>.b"``
+[r, in], saved in the plan's safetensors sidecar. Rank 0 is a plain TEAL threshold (no tensors).
+A linear of an rsparse rule must have no other input rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..checks import PlanError, expect_int, expect_mapping, expect_number, short_list, show
+from .base import Rule, register_rule
+
+SPEC_KEYS = ("threshold", "sparsity", "rank", "in_features", "out_features")
+
+
+def check_entry(name: str, spec: Any) -> dict[str, Any]:
+    where = f"rsparse[{name!r}]"
+    spec = dict(expect_mapping(spec, where))
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    extra = sorted(set(spec) - set(SPEC_KEYS))
+    if missing or extra:
+        raise PlanError(f"{where} must have exactly the keys {', '.join(SPEC_KEYS)}"
+                        + (f"; it lacks {', '.join(missing)}" if missing else "")
+                        + (f"; unknown {', '.join(extra)}" if extra else ""))
+    spec["threshold"] = float(expect_number(spec["threshold"], f"{where}['threshold']", low=0.0))
+    spec["sparsity"] = float(expect_number(spec["sparsity"], f"{where}['sparsity']", low=0.0, high=1.0))
+    for k in ("in_features", "out_features"):
+        spec[k] = expect_int(spec[k], f"{where}[{k!r}]", low=1)
+    spec["rank"] = expect_int(spec["rank"], f"{where}['rank']", low=0)
+    if spec["rank"] > min(spec["in_features"], spec["out_features"]):
+        raise PlanError(f"{where}['rank'] must be at most min(in_features, out_features) = "
+                        f"{min(spec['in_features'], spec['out_features'])}, got {show(spec['rank'])}")
+    return spec
+
+
+@register_rule
+@dataclass
+class LowRankSparse(Rule):
+    kind = "rsparse"
+    fields = ("rsparse",)
+    has_tensors = True
+
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.specs = {n: check_entry(n, s) for n, s in expect_mapping(self.specs, "rsparse").items()}
+        self.factors = _tensors(self.factors)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LowRankSparse | None:
+        specs = data.get("rsparse")
+        return None if specs is None else cls(specs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rsparse": {n: dict(s) for n, s in self.specs.items()}}
+
+    def modules(self) -> set[str]:
+        return set(self.specs)
+
+    def is_empty(self) -> bool:
+        return not self.specs
+
+    def input_major_modules(self, linears: list[str]) -> set[str]:
+        return set(self.specs)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        self.check_tensors()
+        return {k: self.factors[k] for k in sorted(self.factors)}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.factors = _tensors(tensors)
+        self.check_tensors()
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [out, r], B [r, in]) of a linear, or None at rank 0."""
+        if self.specs[name]["rank"] == 0:
+            return None
+        return self.factors[f"{name}.a"], self.factors[f"{name}.b"]
+
+    def check_tensors(self) -> None:
+        """Every linear of positive rank has its two factors, of its shapes; no tensor is left over."""
+        wanted = set()
+        for name, sp in self.specs.items():
+            r, k, n = sp["rank"], sp["in_features"], sp["out_features"]
+            if r == 0:
+                continue
+            for key, shape in ((f"{name}.a", [n, r]), (f"{name}.b", [r, k])):
+                wanted.add(key)
+                t = self.factors.get(key)
+                if t is None:
+                    raise PlanError(f"rsparse[{name!r}] has no tensor {key!r} (was the plan's safetensors "
+                                    "file saved with it?)")
+                if list(t.shape) != shape:
+                    raise PlanError(f"rsparse[{name!r}]: tensor {key!r} must have shape {shape}, got {list(t.shape)}")
+        extra = sorted(set(self.factors) - wanted)
+        if extra:
+            raise PlanError(f"rsparse: tensors {short_list(extra)} belong to no linear of positive rank")
+
+    def check(self, shapes: Mapping[str, list[int]]) -> None:
+        self.check_tensors()
+        for name, sp in self.specs.items():
+            ws = shapes.get(name)
+            if ws is not None and list(ws) != [sp["out_features"], sp["in_features"]]:
+                raise PlanError(f"rsparse[{name!r}] was made for a {sp['in_features']} -> {sp['out_features']} "
+                                f"linear; the model's weight has shape {list(ws)}")
+
+    def lowrank_params(self) -> int:
+        """Weights the low-rank parts read per token: sum of r * (in + out)."""
+        return sum(s["rank"] * (s["in_features"] + s["out_features"]) for s in self.specs.values())
+
+    def describe(self) -> str:
+        ranked = sum(1 for s in self.specs.values() if s["rank"] > 0)
+        return f"{len(self.specs)} sparse + low-rank linears ({ranked} with rank > 0)"
+
+
+def _tensors(value: Any) -> dict[str, torch.Tensor]:
+    value = expect_mapping(value, "rsparse tensors")
+    bad = [k for k, t in value.items() if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise PlanError(f"rsparse tensors must be torch.Tensors, got {type(value[bad[0]]).__name__} for "
+                        f"{short_list(bad)}")
+    return dict(value)
