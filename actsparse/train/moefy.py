@@ -54,6 +54,7 @@ class MoefyReport:
     seconds: dict[str, float] = field(default_factory=dict)
     router_r2: list[float] = field(default_factory=list)  # fraction of the norms' variance explained
     density: list[float] = field(default_factory=list)  # measured on the calibration tokens
+    scores: list[torch.Tensor] = field(default_factory=list, repr=False)  # router predictions [T, E] per MLP
 
 
 # ------------------------------------------------------------------------------- checks
@@ -147,33 +148,39 @@ def expert_norms(mod: nn.Module, x: torch.Tensor, act: str, experts: int, chunk:
 
 # ------------------------------------------------------------------------------- clustering
 
-def balanced_kmeans(features: torch.Tensor, k: int, *, seed: int = 0, iters: int = 20) -> torch.Tensor:
+def _balanced_assign(dist: np.ndarray, cap: int) -> np.ndarray:
+    """Each point to a centre, at most ``cap`` per centre: every round, each open centre takes
+    the points that prefer it, closest first, up to its room; points it cannot take try again
+    among the centres still open (at most k rounds)."""
+    n, k = dist.shape
+    labels = np.full(n, -1)
+    fill = np.zeros(k, dtype=np.int64)
+    while (labels < 0).any():
+        free = np.flatnonzero(labels < 0)
+        d = dist[free].copy()
+        d[:, fill >= cap] = np.inf
+        pref = d.argmin(1)
+        for c in np.unique(pref):
+            cand = free[pref == c]
+            take = cand[np.argsort(dist[cand, c], kind="stable")[: cap - fill[c]]]
+            labels[take] = c
+            fill[c] += take.size
+    return labels
+
+
+def balanced_kmeans(features: torch.Tensor, k: int, *, seed: int = 0, iters: int = 25) -> torch.Tensor:
     """Labels [n] in 0..k-1 with exactly n/k points per cluster: k-means on unit-normalised
-    rows (cosine), each assignment a greedy fill of the (point, centre) pairs by distance under
-    the capacity. Deterministic for a seed."""
+    rows (cosine), each assignment step a capacity-limited greedy (``_balanced_assign``).
+    Deterministic for a seed."""
     n = features.shape[0]
     if n % k:
         raise ValueError(f"balanced_kmeans: {n} points do not split into {k} equal clusters")
-    cap = n // k
     x = F.normalize(features.double(), dim=1).numpy()
     rng = np.random.default_rng(seed)
     centres = x[rng.choice(n, size=k, replace=False)]
     labels = np.full(n, -1)
     for _ in range(iters):
-        dist = -(x @ centres.T)  # [n, k]; smaller is closer
-        order = np.argsort(dist, axis=None, kind="stable")
-        new = np.full(n, -1)
-        fill = np.zeros(k, dtype=np.int64)
-        left = n
-        for flat in order:
-            p, c = divmod(int(flat), k)
-            if new[p] >= 0 or fill[c] >= cap:
-                continue
-            new[p] = c
-            fill[c] += 1
-            left -= 1
-            if left == 0:
-                break
+        new = _balanced_assign(-(x @ centres.T), n // k)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -310,6 +317,7 @@ def moefy(model: nn.Module, experts: int = 32, density: float = 0.5, calibration
         thr = calibrate_threshold(scores, density)
         t_router += time.perf_counter() - t2
         report.router_r2.append(_r2(scores, y))
+        report.scores.append(scores)
         report.density.append(float((scores > thr).float().mean()))
         down = m.part("down_proj")
         specs[down] = {"gate": m.part("gate_proj"), "up": m.part("up_proj"), "act": act, "experts": experts,
@@ -329,6 +337,24 @@ def moefy(model: nn.Module, experts: int = 32, density: float = 0.5, calibration
                                                  "seed": seed}, rules=[rule])
     plan.validate(model)
     return model, plan
+
+
+def retarget(plan: SparsityPlan, report: MoefyReport, density: float) -> SparsityPlan:
+    """The same experts and routers at another density: thresholds recalibrated on the router
+    predictions ``moefy`` kept in ``report`` (no new pass over the calibration text)."""
+    _check(1, density, "coact", "linear", 1, 16)
+    rule = plan.rule(Experts)
+    if rule is None or len(report.scores) != len(rule.specs):
+        raise ValueError("retarget: needs the plan and the report of one moefy call")
+    specs = {}
+    measured = {}
+    for (name, sp), scores in zip(rule.specs.items(), report.scores):
+        thr = calibrate_threshold(scores, density)
+        specs[name] = dict(sp, threshold=thr, density=float(density))
+        measured[name] = 1.0 - float((scores > thr).float().mean())
+    out = SparsityPlan(method=plan.method, target=1.0 - float(density), model=plan.model, measured=measured,
+                       info=dict(plan.info, density=float(density)), rules=[Experts(specs, dict(rule.weights))])
+    return out
 
 
 # ------------------------------------------------------------------------------- eager reference
@@ -366,4 +392,4 @@ def routed(model: nn.Module, plan: SparsityPlan, record: dict[str, list[torch.Te
 
 __all__ = ["FEATURES", "ROUTERS", "MoefyReport", "activation_name", "balanced_kmeans", "calibrate_threshold",
            "expert_norms", "expert_permutation", "fit_linear_router", "fit_mlp_router", "mlp_inputs", "moefy",
-           "permute", "permute_mlp", "routed"]
+           "permute", "permute_mlp", "retarget", "routed"]
