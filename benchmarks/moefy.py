@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=64, help="greedy steps for the overlap (0: skip)")
     p.add_argument("--adapters", default=None, help="also convert the relufied model rebuilt from these adapters")
     p.add_argument("--no-original", action="store_true", help="skip the original (SiLU) model")
+    p.add_argument("--oracle", action="store_true", help="also the oracle top-k experts (true norms) per density")
     p.add_argument("--cats", action="store_true", help="calibrate CATS here at the equal-bytes sparsities")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="evaluation data directory (default: $ACTSPARSE_DATA)")
@@ -100,25 +102,28 @@ def expert_overlap(model, plan, ids: torch.Tensor, steps: int) -> float | None:
 
 
 def moe_rows(base, label: str, tok, calib: str, text: str, prompt: torch.Tensor, args) -> list[dict]:
-    """Convert ``base`` once per density (clustering is density-independent but cheap) and evaluate."""
+    """Convert ``base`` once (clustering and routers do not depend on the density), then evaluate
+    each density with its recalibrated thresholds (``retarget``)."""
     import actsparse
-    from actsparse.train.moefy import MoefyReport, routed
+    from actsparse.train.moefy import MoefyReport, retarget, routed
 
+    rep = MoefyReport()
+    t0 = time.perf_counter()
+    model, plan0 = actsparse.moefy(copy.deepcopy(base), experts=args.experts, density=args.densities[0],
+                                   calibration=calib, tokenizer=tok, features=args.features, router=args.router,
+                                   hidden=args.hidden, token_budget=args.calib_tokens, seed=args.seed, report=rep)
+    convert_s = time.perf_counter() - t0
     rows = []
     for d in args.densities:
-        rep = MoefyReport()
-        t0 = time.perf_counter()
-        model, plan = actsparse.moefy(copy.deepcopy(base), experts=args.experts, density=d, calibration=calib,
-                                      tokenizer=tok, features=args.features, router=args.router, hidden=args.hidden,
-                                      token_budget=args.calib_tokens, seed=args.seed, report=rep)
-        convert_s = time.perf_counter() - t0
+        plan = retarget(plan0, rep, d)
         masks: dict[str, list[torch.Tensor]] = {}
         with routed(model, plan, record=masks):
             p, ntok, ev_s = perplexity(model, tok, text, args)
-        run = statistics.mean(float(torch.cat(v).float().mean()) for v in masks.values())
+        per_layer = [float(torch.cat(v).float().mean()) for v in masks.values()]
+        run = statistics.mean(per_layer)
         row = {"variant": f"{label} -> MoE", "experts": args.experts, "target_density": d,
-               "density": round(run, 4), "density_min_layer": round(min(float(torch.cat(v).float().mean())
-                                                                           for v in masks.values()), 4),
+               "density": round(run, 4), "density_min_layer": round(min(per_layer), 4),
+               "density_max_layer": round(max(per_layer), 4),
                "mlp_bytes_fraction": round(run + router_bytes_fraction(plan), 4), "ppl": round(p, 3),
                "ppl_tokens": ntok, "overlap": None, "features": args.features, "router": args.router,
                "router_train_tokens": rep.tokens, "router_r2_mean": round(statistics.mean(rep.router_r2), 4),
@@ -127,14 +132,47 @@ def moe_rows(base, label: str, tok, calib: str, text: str, prompt: torch.Tensor,
                "clustering_seconds": round(rep.seconds.get("clustering", 0.0), 1),
                "activation_seconds": round(rep.seconds.get("activations", 0.0), 1),
                "convert_seconds": round(convert_s, 1), "eval_seconds": round(ev_s, 1)}
+        if args.oracle:
+            with oracle(model, plan, d):
+                row["ppl_oracle_topk"] = round(perplexity(model, tok, text, args)[0], 3)
         if args.decode_steps:
             ov = expert_overlap(model, plan, prompt, args.decode_steps)
             row["overlap"] = None if ov is None else round(ov, 4)
             row["overlap_if_independent"] = round(run, 4)
-        log(f"{row['variant']} d={d}: ppl {row['ppl']}, density {row['density']}, overlap {row['overlap']}")
+        log(f"{row['variant']} d={d}: ppl {row['ppl']}, density {row['density']}, overlap {row['overlap']}"
+            + (f", oracle {row['ppl_oracle_topk']}" if args.oracle else ""))
         rows.append(row)
-        del model
     return rows
+
+
+@contextmanager
+def oracle(model, plan, density: float):
+    """Each MLP runs each token's ``round(density * E)`` experts of largest true output norm:
+    what a perfect router could do with these experts (a diagnosis, not a method: it computes
+    every expert to rank them)."""
+    from actsparse.ops.reference import expert_mlp_reference
+    from actsparse.plan.rules.experts import Experts
+    from actsparse.train.moefy import expert_norms
+
+    rule = plan.rule(Experts)
+    mods = []
+    for name, sp in rule.specs.items():
+        mod = model.get_submodule(name.rsplit(".", 1)[0])
+        k = max(1, round(density * sp["experts"]))
+
+        def forward(x, mod=mod, sp=sp, k=k):
+            norms = expert_norms(mod, x.reshape(-1, x.shape[-1]).float(), sp["act"], sp["experts"])
+            mask = (norms >= norms.topk(k, dim=-1).values[:, -1:]).reshape(*x.shape[:-1], -1)
+            return expert_mlp_reference(x, mask, mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight,
+                                        mod.gate_proj.bias, mod.up_proj.bias, mod.down_proj.bias, sp["act"])
+
+        mod.forward = forward
+        mods.append(mod)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
 
 
 def cats_rows(base, tok, calib: str, text: str, args) -> list[dict]:

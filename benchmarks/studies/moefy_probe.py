@@ -14,39 +14,9 @@ import argparse
 import copy
 import json
 import sys
-from contextlib import contextmanager
-
 import torch
 
-
-@contextmanager
-def oracle(model, plan, density: float):
-    """Each MLP runs each token's ``round(density * E)`` experts of largest true output norm."""
-    from actsparse.ops.reference import expert_mlp_reference
-    from actsparse.plan.rules.experts import Experts
-    from actsparse.train.moefy import expert_norms
-
-    rule = plan.rule(Experts)
-    mods = []
-    for name, sp in rule.specs.items():
-        mod = model.get_submodule(name.rsplit(".", 1)[0])
-        k = max(1, round(density * sp["experts"]))
-
-        def forward(x, mod=mod, sp=sp, k=k):
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            norms = expert_norms(mod, x2, sp["act"], sp["experts"])
-            kth = norms.topk(k, dim=-1).values[:, -1:]
-            mask = (norms >= kth).reshape(*x.shape[:-1], -1)
-            return expert_mlp_reference(x, mask, mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight,
-                                        None, None, None, sp["act"])
-
-        mod.forward = forward
-        mods.append(mod)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
+from benchmarks.moefy import oracle
 
 
 def main(argv=None) -> int:

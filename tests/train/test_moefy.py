@@ -136,3 +136,19 @@ def test_moefy_refuses_bad_options(kw, msg):
     args = {"experts": 4, "density": 0.5, "calibration": calib(model), **kw}
     with pytest.raises(ValueError, match=msg):
         actsparse.moefy(model, **args)
+
+
+def test_retarget_changes_only_the_thresholds():
+    from actsparse.train.moefy import retarget
+
+    rep = MoefyReport()
+    model, plan = actsparse.moefy(tiny("llama"), experts=8, density=0.5, calibration=calib(tiny("llama")), report=rep)
+    low = retarget(plan, rep, 0.25)
+    a, b = plan.rule(Experts), low.rule(Experts)
+    assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    for n in a.specs:
+        assert b.specs[n]["threshold"] > a.specs[n]["threshold"] and b.specs[n]["density"] == 0.25
+        assert abs(low.measured[n] - 0.75) < 0.02
+    low.validate(model)
+    with pytest.raises(ValueError, match="density"):
+        retarget(plan, rep, 1.5)
