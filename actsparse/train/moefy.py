@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.reference import ACTIVATIONS, activation, expert_mask, expert_mlp_reference
+from ..ops.reference import ACTIVATIONS, activation, expert_mask, expert_mlp_reference, expert_scores
 from ..plan import SparsityPlan, fingerprint
 from ..plan.rules.experts import Experts
 from .relufy import GatedMLP, ReLUOutLinear, gated_mlps
@@ -311,8 +311,6 @@ def moefy(model: nn.Module, experts: int = 32, density: float = 0.5, calibration
         else:
             r = fit_mlp_router(x, y, hidden, steps=router_steps, seed=seed + i)
         with torch.no_grad():
-            from ..ops.reference import expert_scores
-
             scores = expert_scores(x, r)
         thr = calibrate_threshold(scores, density)
         t_router += time.perf_counter() - t2
