@@ -1,7 +1,7 @@
 """Dense-to-MoE conversion of a real model: perplexity, MLP bytes and expert overlap at a few
 densities, for the original and the relufied model, beside CATS at equal MLP bytes.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.moefy --densities 0.667 0.5 0.3 \\
+    OMP_NUM_THREADS=2 python -m benchmarks.moefy --experts 128 --densities 0.667 0.5 0.3 --oracle \\
         --adapters .cache/adapters/relufy_smollm2-135m.adapters.safetensors \\
         --out benchmarks/results/moefy_smollm2-135m.json
 
