@@ -9,6 +9,7 @@ from .compiler import backend, prepare
 from .decode import greedy_decode
 from .plan import PlanError, SparsityPlan
 from .quant import quantize
+from .train.moefy import moefy  # dense-to-MoE conversion: actsparse.train.moefy
 
 __all__ = ["SparsityPlan", "PlanError", "backend", "prepare", "calibrate", "relufy", "greedy_decode", "models", "distributed", "quantize"]
 

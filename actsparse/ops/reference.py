@@ -249,3 +249,40 @@ def rsparse_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, thr
     """``W (x * m) + A (B (x * (1 - m))) + bias`` with ``m = |x| > t`` (no low-rank part without A, B)."""
     y = sparse_linear_reference(x, [weight], [bias], [threshold], False)[0]
     return y if a is None else y + lowrank_complement_reference(x, a, b, threshold)
+
+
+# ------------------------------------------------------------------------ experts (dense-to-MoE)
+
+def expert_scores(x: Tensor, router: Sequence[Tensor]) -> Tensor:
+    """A router's predicted output norm of each expert, in fp32 [..., E].
+
+    ``router`` is ``(w, b)`` for a linear router ``x W^T + b`` or ``(w1, b1, w2, b2)`` for a
+    two-layer one ``relu(x W1^T + b1) W2^T + b2``.
+    """
+    if len(router) not in (2, 4):
+        raise ValueError(f"a router is (w, b) or (w1, b1, w2, b2), got {len(router)} tensors")
+    s = F.linear(x.float(), router[0].float(), router[1].float())
+    if len(router) == 4:
+        s = F.linear(torch.relu(s), router[2].float(), router[3].float())
+    return s
+
+
+def expert_mask(x: Tensor, router: Sequence[Tensor], threshold: float) -> Tensor:
+    """Dynamic-k selection: the experts whose predicted norm exceeds ``threshold``, bool [..., E]."""
+    return expert_scores(x, router) > threshold
+
+
+def neuron_mask(mask: Tensor, neurons: int) -> Tensor:
+    """An expert mask [..., E] widened to its neurons [..., neurons]: expert e owns the
+    contiguous block ``[e * neurons / E, (e + 1) * neurons / E)``."""
+    e = mask.shape[-1]
+    if neurons % e:
+        raise ValueError(f"{neurons} neurons do not split into {e} equal experts")
+    return mask.repeat_interleave(neurons // e, dim=-1)
+
+
+def expert_mlp_reference(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+                         b_gate: Tensor | None, b_up: Tensor | None, b_down: Tensor | None, act: str) -> Tensor:
+    """The gated MLP on the selected experts' neurons only (contiguous blocks), in fp32."""
+    return predicted_mlp_reference(x, neuron_mask(mask, w_gate.shape[0]), w_gate, w_up, w_down,
+                                   b_gate, b_up, b_down, act)

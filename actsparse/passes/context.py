@@ -16,6 +16,7 @@ class RewriteStats:
     sparse_linear_calls: int = 0
     gated_mlp_calls: int = 0
     predicted_mlp_calls: int = 0
+    expert_mlp_calls: int = 0
     head_attention_calls: int = 0
     masked_sites: int = 0
     found_rules: set[str] = field(default_factory=set)

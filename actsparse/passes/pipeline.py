@@ -20,6 +20,7 @@ from .context import PassContext
 from .find_sites import discover_sites, site_table
 from .insert_cats import insert_cats
 from .insert_exact import insert_exact
+from .insert_experts import insert_experts
 from .insert_head_routing import insert_head_routing
 from .insert_masks import insert_masks
 from .insert_predictors import insert_predictors
@@ -37,8 +38,8 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_exact, insert_cats,
-          insert_rsparse, insert_masks, insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
+PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_experts, insert_exact,
+          insert_cats, insert_rsparse, insert_masks, insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
 
 
 def run_passes(gm: fx.GraphModule, plan: SparsityPlan) -> PassContext:
