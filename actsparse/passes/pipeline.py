@@ -2,10 +2,11 @@
 
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
 order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
-plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads, turn exact (ReLU-family) rules into zero-threshold masks, rewrite CATS MLPs, input masks and
+plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads,
+lower dense-to-MoE MLPs to their experts, turn exact (ReLU-family) rules into zero-threshold
+masks, rewrite CATS MLPs, add R-Sparse's low-rank term beside its mask, rewrite input masks and
 learned predictors into actsparse ops, send the CPU's unmasked quantized linears to the native
-kernel, note which weights want input-major storage, and render
-the debug table.
+kernel, note which weights want input-major storage, and render the debug table.
 """
 
 from __future__ import annotations
