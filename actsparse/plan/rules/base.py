@@ -68,6 +68,27 @@ class Rule:
         return self.kind
 
 
+class PerModuleRule(Rule):
+    """A rule kind whose plan field maps module names to one JSON spec each (``self.specs``),
+    with its tensors in the sidecar: predictors, head routers, experts, R-Sparse factors."""
+
+    specs: dict[str, dict[str, Any]]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PerModuleRule | None:
+        specs = data.get(cls.fields[0])
+        return None if specs is None else cls(specs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.fields[0]: {n: dict(s) for n, s in self.specs.items()}}
+
+    def modules(self) -> set[str]:
+        return set(self.specs)
+
+    def is_empty(self) -> bool:
+        return not self.specs
+
+
 RULE_KINDS: dict[str, type[Rule]] = {}
 
 #: Top-level fields of a plan file that belong to the plan itself (how and for which model it

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, short_list, show
-from .base import Rule, register_rule
+from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("gate", "up", "act", "experts", "in_features", "neurons", "router", "hidden", "threshold", "density")
 ROUTERS = ("linear", "mlp")
@@ -67,7 +67,7 @@ def tensor_shapes(name: str, sp: Mapping[str, Any]) -> dict[str, list[int]]:
 
 @register_rule
 @dataclass
-class Experts(Rule):
+class Experts(PerModuleRule):
     kind = "experts"
     fields = ("experts",)
     has_tensors = True
@@ -83,20 +83,6 @@ class Experts(Rule):
             raise PlanError(f"experts tensors must be torch.Tensors, got {type(weights[bad[0]]).__name__} "
                             f"for {short_list(bad)}")
         self.weights = dict(weights)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Experts | None:
-        specs = data.get("experts")
-        return None if specs is None else cls(specs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"experts": {n: dict(s) for n, s in self.specs.items()}}
-
-    def modules(self) -> set[str]:
-        return set(self.specs)
-
-    def is_empty(self) -> bool:
-        return not self.specs
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # the down projection: an expert's columns become contiguous rows

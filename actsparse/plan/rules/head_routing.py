@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..checks import PlanError, expect_int, expect_mapping, expect_str
-from .base import Rule, register_rule
+from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("q_proj", "num_heads", "num_kv_heads", "head_dim", "heads_per_unit", "units", "keep", "in_features")
 
@@ -49,7 +49,7 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
 
 @register_rule
 @dataclass
-class HeadRouting(Rule):
+class HeadRouting(PerModuleRule):
     kind = "heads"
     fields = ("heads",)
     has_tensors = True
@@ -59,20 +59,6 @@ class HeadRouting(Rule):
 
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "heads").items()}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> HeadRouting | None:
-        specs = data.get("heads")
-        return None if specs is None else cls(specs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"heads": {n: dict(s) for n, s in self.specs.items()}}
-
-    def modules(self) -> set[str]:
-        return set(self.specs)
-
-    def is_empty(self) -> bool:
-        return not self.specs
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # o_proj: its input is zero on whole unselected heads

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, short_list, show
-from .base import Rule, register_rule
+from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("gate", "up", "act", "rank", "in_features", "neurons", "selection", "keep", "threshold")
 SELECTIONS = ("topk", "threshold")
@@ -52,7 +52,7 @@ def check_weights(weights: Any) -> dict[str, torch.Tensor]:
 
 @register_rule
 @dataclass
-class Predictors(Rule):
+class Predictors(PerModuleRule):
     kind = "predictors"
     fields = ("predictors",)
     has_tensors = True
@@ -63,20 +63,6 @@ class Predictors(Rule):
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "predictors").items()}
         self.weights = check_weights(self.weights)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Predictors | None:
-        specs = data.get("predictors")
-        return None if specs is None else cls(specs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"predictors": {n: dict(s) for n, s in self.specs.items()}}
-
-    def modules(self) -> set[str]:
-        return set(self.specs)
-
-    def is_empty(self) -> bool:
-        return not self.specs
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # the down projection; gate and up stay row-major (output-sparse)

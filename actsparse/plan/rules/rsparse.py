@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..checks import PlanError, expect_int, expect_mapping, expect_number, short_list, show
-from .base import Rule, register_rule
+from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("threshold", "sparsity", "rank", "in_features", "out_features")
 
@@ -44,7 +44,7 @@ def check_entry(name: str, spec: Any) -> dict[str, Any]:
 
 @register_rule
 @dataclass
-class LowRankSparse(Rule):
+class LowRankSparse(PerModuleRule):
     kind = "rsparse"
     fields = ("rsparse",)
     has_tensors = True
@@ -55,20 +55,6 @@ class LowRankSparse(Rule):
     def __post_init__(self) -> None:
         self.specs = {n: check_entry(n, s) for n, s in expect_mapping(self.specs, "rsparse").items()}
         self.factors = _tensors(self.factors)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LowRankSparse | None:
-        specs = data.get("rsparse")
-        return None if specs is None else cls(specs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rsparse": {n: dict(s) for n, s in self.specs.items()}}
-
-    def modules(self) -> set[str]:
-        return set(self.specs)
-
-    def is_empty(self) -> bool:
-        return not self.specs
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)
