@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import masked_predicted_mlp
 from .dispatch import choose, triton_module
-from .gated_mlp import _reserve, active_neurons, up_down_gathered
-from .reference import activation, expert_mlp_reference, neuron_mask
+from .gated_mlp import _reserve, masked_mlp_gathered
+from .reference import expert_mlp_reference, neuron_mask
 from .spec import define_op
 
 
@@ -40,11 +39,8 @@ def _expert_mlp(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down: T
             out = tri.launch_expert_mlp(x2.contiguous(), m2.contiguous(), w_gate, w_up, w_down, act,
                                         sparsity_hint=sparsity_hint)
     elif path == "cpu":
-        nm = neuron_mask(m2, w_gate.shape[0])
-        idx = active_neurons(nm)
-        if idx is not None:
-            g = activation(act, F.linear(x2, w_gate.index_select(0, idx), None if b_gate is None else b_gate[idx]))
-            out = up_down_gathered(x2, idx, nm[:, idx], g, w_up, w_down, b_up, b_down)
+        out = masked_mlp_gathered(x2, neuron_mask(m2, w_gate.shape[0]), w_gate, w_up, w_down, b_gate, b_up,
+                                  b_down, act)
     if out is None:
         out = masked_predicted_mlp(x2, neuron_mask(m2, w_gate.shape[0]), w_gate, w_up, w_down, b_gate, b_up,
                                    b_down, act)

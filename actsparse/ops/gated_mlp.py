@@ -57,6 +57,19 @@ def up_down_gathered(x2: Tensor, idx: Tensor, on: Tensor, g: Tensor, w_up: Tenso
     return out if b_down is None else out + b_down
 
 
+def masked_mlp_gathered(x2: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+                        b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
+                        act: str) -> Optional[Tensor]:
+    """A gated MLP whose neuron mask [rows, neurons] is known before the gate (predictors,
+    experts): gate, up and down on the union of active neurons only; None where that union is
+    too dense to gather."""
+    idx = active_neurons(mask)
+    if idx is None:
+        return None
+    g = activation(act, F.linear(x2, w_gate.index_select(0, idx), None if b_gate is None else b_gate[idx]))
+    return up_down_gathered(x2, idx, mask[:, idx], g, w_up, w_down, b_up, b_down)
+
+
 def _gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor], act: str, threshold: float, per_token: bool,
                sparsity_hint: float) -> Tensor:

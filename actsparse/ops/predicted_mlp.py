@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import masked_predicted_mlp
 from .dispatch import choose
-from .gated_mlp import _reserve, active_neurons, up_down_gathered
-from .reference import activation, predicted_mlp_reference
+from .gated_mlp import _reserve, masked_mlp_gathered
+from .reference import predicted_mlp_reference
 from .spec import define_op
 
 
@@ -36,10 +35,7 @@ def _predicted_mlp(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down
         out = tri.launch_gated_mlp(x2.contiguous(), w_gate, w_up, w_down, act, mask=m2.contiguous(),
                                    sparsity_hint=sparsity_hint)
     elif path == "cpu":
-        idx = active_neurons(m2)
-        if idx is not None:
-            g = activation(act, F.linear(x2, w_gate.index_select(0, idx), None if b_gate is None else b_gate[idx]))
-            out = up_down_gathered(x2, idx, m2[:, idx], g, w_up, w_down, b_up, b_down)
+        out = masked_mlp_gathered(x2, m2, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
     if out is None:
         out = masked_predicted_mlp(x2, m2, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
     return out.reshape(*lead, out.shape[-1])

@@ -84,13 +84,17 @@ class Spy:
         self.calls: dict[str, int] = {}
         self.mp = monkeypatch
 
-    def on(self, module, name, label=None):
+    def on(self, module, name, label=None, taken=lambda result: True):
+        """``taken``: which results count as the branch taken (a helper that may decline by
+        returning None counts only when it did the work)."""
         real = getattr(module, name)
         label = label or name
 
         def wrapper(*a, **k):
-            self.calls[label] = self.calls.get(label, 0) + 1
-            return real(*a, **k)
+            result = real(*a, **k)
+            if taken(result):
+                self.calls[label] = self.calls.get(label, 0) + 1
+            return result
 
         self.mp.setattr(module, name, wrapper)
 
@@ -111,7 +115,7 @@ def spy(monkeypatch):
     s.on(gated_mod, "masked_gated_mlp")
     s.on(gated_mod, "up_down_gathered", "gated_gather")
     s.on(predicted_mod, "masked_predicted_mlp")
-    s.on(predicted_mod, "up_down_gathered", "predicted_gather")
+    s.on(predicted_mod, "masked_mlp_gathered", "predicted_gather", taken=lambda r: r is not None)
     if HAS_TRITON:
         sg = dispatch.triton_module("sparse_gemv")
         gm = dispatch.triton_module("gated_mlp")
