@@ -21,7 +21,7 @@ lost to uniform TEAL, 84.8 against 73.2 perplexity, because equal weights misjud
 linears matter; block-output error, as the greedy base measures it, does not. The exchange
 lowers each linear's own error, yet on SmolLM2-135M and Gemma-3-270M it still loses to its
 teal-greedy base at 50%: 57.8 against 55.0 and 59.4 against 51.0 perplexity, see
-``benchmarks/results/accuracy_issue16.md``. A linear's output error is not the model's loss.)
+``benchmarks/results/accuracy_seq_rsparse.md``. A linear's output error is not the model's loss.)
 """
 
 from __future__ import annotations
