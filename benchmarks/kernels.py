@@ -582,6 +582,10 @@ def main(argv=None):
     def save():
         result["cost_model_disagreements"] = disagreements(result["linear"])
         result["wall_s"] = time.time() - t0
+        # the shared result shape (gpu, command, rows) beside this benchmark's detailed tables
+        result.update(gpu=meta["gpu"], command=meta["command"],
+                      rows=[dict(variant="ours", batch=r["M"], sparsity=r["sparsity"], shape=r["shape"],
+                                 ours_x=r["speedup"], ideal_x=r["ideal"]) for r in result["linear"]])
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as fh:
             json.dump(result, fh, indent=1)
