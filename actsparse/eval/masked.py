@@ -11,8 +11,9 @@ import contextlib
 
 import torch
 
-from ..ops.reference import route_heads_reference, selected_heads, wina_cutoffs
+from ..ops.reference import lowrank_complement_reference, route_heads_reference, selected_heads, wina_cutoffs
 from ..plan import ROLES, HeadRouting, SparsityPlan
+from ..plan.rules.rsparse import LowRankSparse
 
 
 @contextlib.contextmanager
@@ -26,6 +27,8 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     WINA plans (``score == "wina"``): the pre-hook's cutoff is per channel, ``t / ||W[:, i]||``.
     Head routing: a pre-hook on q_proj keeps the block input, one on o_proj zeroes the heads of
     the units the router did not pick for each token (before any other hook sees them).
+    Sparse + low-rank (rsparse): a pre-hook masks the input at the rule's threshold and keeps
+    the unmasked input, and a forward hook adds ``A (B (x * (|x| <= t)))`` to the output.
     """
     handles = []
     mods = dict(model.named_modules())
@@ -72,6 +75,10 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
             if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D") and mod is not head \
                     and name not in taken and (roles is None or roles.get(name) in st.roles):
                 handles.append(mod.register_forward_pre_hook(stat(st.multiplier)))
+    rs = plan.rule(LowRankSparse)
+    for name, spec in (rs.specs.items() if rs is not None else ()):
+        a, b = rs.factors.get(f"{name}.a"), rs.factors.get(f"{name}.b")
+        handles += _sparse_lowrank(mods[name], teal(spec["threshold"]), spec["threshold"], a, b)
     heads = plan.rule(HeadRouting)
     for o_name, spec in (heads.specs.items() if heads is not None else ()):
         handles += _route_heads(mods, o_name, spec, heads.weights[f"{o_name}.w"], heads.weights[f"{o_name}.b"])
@@ -80,6 +87,23 @@ def masked(model: torch.nn.Module, plan: SparsityPlan):
     finally:
         for h in handles:
             h.remove()
+
+
+def _sparse_lowrank(mod, mask_hook, threshold, a, b):
+    """The rsparse hooks of one linear: mask its input, add the low-rank term of the rest."""
+    kept = {}
+
+    def pre(m, args):
+        kept["x"] = args[0]
+        return mask_hook(m, args)
+
+    def post(m, args, out):
+        x = kept.pop("x")
+        if a is None:
+            return out
+        return out + lowrank_complement_reference(x, a.to(x.device, x.dtype), b.to(x.device, x.dtype), threshold)
+
+    return [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
 
 
 def _site_roles(model: torch.nn.Module) -> dict[str, str]:

@@ -96,7 +96,9 @@ class LowRankSparse(PerModuleRule):
         self.check_tensors()
         for name, sp in self.specs.items():
             ws = shapes.get(name)
-            if ws is not None and list(ws) != [sp["out_features"], sp["in_features"]]:
+            # nn.Linear stores [out, in]; HF's Conv1D (GPT-2) stores [in, out]
+            if ws is not None and list(ws) not in ([sp["out_features"], sp["in_features"]],
+                                                    [sp["in_features"], sp["out_features"]]):
                 raise PlanError(f"rsparse[{name!r}] was made for a {sp['in_features']} -> {sp['out_features']} "
                                 f"linear; the model's weight has shape {list(ws)}")
 
