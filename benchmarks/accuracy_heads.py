@@ -40,7 +40,7 @@ MODULE = "benchmarks.accuracy_heads"
 LINEAR_METHOD = "teal-greedy"
 DENSITIES = (1.0, 0.75, 0.5, 0.3)
 LINEAR_TARGETS = (0.4, 0.5)
-#: The issue's target: heads at this density plus this linear plan, ppl within this ratio of the plan alone.
+#: The target: heads at this density plus this linear plan, ppl within this ratio of the plan alone.
 TARGET = {"linear_target": 0.4, "head_density": 0.5, "max_ratio": 1.05}
 TARGET_TEXT = ("at head density 0.5 plus the 40% linear-input plan, perplexity within 5% of that plan alone "
                "on both models; otherwise report the density where it holds")
@@ -131,7 +131,7 @@ def target_check(rows: list[dict], linear_target: float = TARGET["linear_target"
 
 
 def overall(checks: dict[str, dict]) -> dict:
-    """The issue's target over every model: met only if it is met on each."""
+    """The target over every model: met only if it is met on each."""
     mets = [c.get("met") for c in checks.values()]
     return {"models": sorted(checks), "met": bool(mets) and all(m is True for m in mets),
             "complete": bool(mets) and all(m is not None for m in mets)}

@@ -8,7 +8,7 @@ test articles 0-9, perplexity on articles 10+, evaluation through the sparse bac
 ``compiler="eager"``, effective sparsity observed from the masks the graph applies. The
 teal-greedy plans are calibrated ONCE on the fp32 model and applied unchanged to its
 ``actsparse.quantize`` copies (int8; int4 at ``--group-size``), which is what the plan
-fingerprint allows. The check answers the issue's target: quantization adds no more to the
+fingerprint allows. The check answers the project's target: quantization adds no more to the
 sparse model's perplexity than it adds to the dense one (``increase[s] <= increase[0]``).
 ``--plan-on self`` calibrates each format's plan on its own model instead (sparse rows only),
 which separates the plan transfer's share of the cost from quantization's own. With several

@@ -9,7 +9,7 @@ imported, so the figures are comparable with benchmarks/results/accuracy.json):
 * dense, then predictor plans at every target (trained once, on labels at ``--label-sparsity``,
   or per target), each run through the sparse backend (``compiler="eager"``): perplexity and
   zero-shot tasks; per-layer recall and precision on held-out calibration tokens;
-* CATS at the same targets (perplexity), the comparison the issue's target names;
+* CATS at the same targets (perplexity), the comparison the accuracy target names;
 * MLP weight bytes read per token for every method: from the masks measured on the evaluation
   text for the rows evaluated here (predictor, cats), from the plans' calibration-measured
   sparsities for teal, cett and stat-topk. A predictor's own weights count as read.

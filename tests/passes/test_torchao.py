@@ -83,7 +83,7 @@ def test_input_major_storage_equals_torchao_dequantised_weight(config):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_compiled_torchao_model_matches_masked_reference(config, compiler, batch):
     if compiler == "inductor" and config != "int8":
-        pytest.skip("Inductor is checked on the issue's config (Int8WeightOnlyConfig); eager covers the layouts")
+        pytest.skip("Inductor is checked on Int8WeightOnlyConfig; eager covers the other layouts")
     float_model = _model()
     names = linear_names(float_model)
     plan = actsparse.SparsityPlan.from_thresholds(float_model, {n: 0.3 + 0.01 * i for i, n in enumerate(names)})
