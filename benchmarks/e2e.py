@@ -121,13 +121,17 @@ def greedy_decode_rate(model, backend, ids: torch.Tensor, new_tokens: int, repea
     return rates[len(rates) // 2]
 
 
-def check_correctness(sparsity: float = 0.5) -> dict:
-    """Compiled sparse (CUDA graphs) against the eager masked model, on 8B-wide 2 layers."""
+def check_correctness(sparsity: float = 0.5, dtype: torch.dtype = torch.float32) -> dict:
+    """Compiled sparse (CUDA graphs) against the eager masked model, on 8B-wide 2 layers.
+
+    fp32 by default: in bf16, Inductor's fused norm and the eager one round some inputs to
+    values one step apart on either side of a threshold; those flips grow through the layers
+    and hide what the check is for (a wrong mask or kernel). The timed rows stay bf16."""
     import actsparse
     from actsparse.models import shaped
     from transformers import StaticCache
 
-    model = shaped("llama3-tiny", dtype=torch.bfloat16, device="cuda")
+    model = shaped("llama3-tiny", dtype=dtype, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, 128000, (1, 64), device="cuda", generator=g)
     plan = calibrate_on_tokens(model, ids, sparsity)
@@ -167,7 +171,8 @@ def check_correctness(sparsity: float = 0.5) -> dict:
     rel_dense = max(((a - b).norm() / b.norm()).item() for a, b in zip(dense, ref))
     del model
     torch.cuda.empty_cache()
-    return {"max_rel_err_vs_masked_eager": rel, "rel_diff_masked_vs_dense": rel_dense,
+    return {"dtype": str(dtype).removeprefix("torch."), "max_rel_err_vs_masked_eager": rel,
+            "rel_diff_masked_vs_dense": rel_dense,
             "ok": rel < 0.25 * rel_dense}
 
 

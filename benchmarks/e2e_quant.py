@@ -71,13 +71,14 @@ def parse_args(argv=None):
     return a
 
 
-def build(args, seed: int = 0):
-    """The float model: a tiny Llama (fp32, CPU) or a shaped random Llama-3 (bf16)."""
+def build(args, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, layers: int | None = None):
+    """The float model: a tiny Llama (fp32, CPU) or a shaped random Llama-3 (bf16 unless ``dtype``)."""
     from actsparse.models import shaped, tiny
 
+    layers = layers or args.layers
     if args.tiny:
-        return tiny("llama", intermediate_size=128, num_hidden_layers=args.layers or 2, seed=seed).to(args.device)
-    return shaped(args.model, dtype=torch.bfloat16, device=args.device, num_layers=args.layers, seed=seed)
+        return tiny("llama", intermediate_size=128, num_hidden_layers=layers or 2, seed=seed).to(args.device)
+    return shaped(args.model, dtype=dtype, device=args.device, num_layers=layers, seed=seed)
 
 
 def backend_for(plan, args):
@@ -94,6 +95,36 @@ def backend_for(plan, args):
     def be(gm, example_inputs):
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda})
     return be
+
+
+def check_models(args) -> tuple[dict, object]:
+    """Small fp32 copies for ``check``: 2 layers of the model's widths, each width quantized, and
+    torchao int8 where it imports; a 50% plan calibrated on the float copy.
+
+    fp32 and 2 layers because in bf16 the compiled and the eager step round some inputs to values
+    on either side of a threshold; those flips grow through every layer and would hide a wrong
+    mask or kernel (the bf16 check on the full model failed on that alone)."""
+    import actsparse
+    from benchmarks.e2e import calibrate_on_tokens
+
+    base = build(args, seed=3, dtype=torch.float32, layers=2)
+    g = torch.Generator(device=args.device).manual_seed(4)
+    plan = calibrate_on_tokens(base, torch.randint(3, base.config.vocab_size, (1, 128), device=args.device,
+                                                   generator=g), 0.5)
+    models = {f"int{b}": actsparse.quantize(build(args, seed=3, dtype=torch.float32, layers=2), bits=b,
+                                            group_size=args.group_size if b == 4 else None) for b in args.bits}
+    if args.torchao != "off":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            model = build(args, seed=3, dtype=torch.float32, layers=2)
+            head = model.get_output_embeddings()
+            quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
+                      filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+            models["torchao-int8"] = model
+        except Exception:  # noqa: BLE001 - torchao missing or failing: its rows record why
+            pass
+    return models, plan
 
 
 def check(models: dict, plan, args) -> dict:
@@ -193,15 +224,31 @@ def main(argv=None) -> int:
     def save():
         out.write_text(json.dumps(res, indent=1))
 
-    base = build(args)
+    res["setup_s"] = {}
+
+    @contextlib.contextmanager
+    def stage(name):  # where the set-up time goes (it is spent before the first row)
+        t0 = time.time()
+        yield
+        res["setup_s"][name] = round(time.time() - t0, 1)
+        save()
+
+    with stage("build bf16"):
+        base = build(args)
     vocab = base.config.vocab_size
     g = torch.Generator(device=args.device).manual_seed(0)
     calib = torch.randint(3, vocab, (1, 512 if not args.tiny else 64), device=args.device, generator=g)
     plans = {s: calibrate_on_tokens(base, calib, s) for s in args.sparsity}  # made on the float model
     models = {None: base}
     for bits in args.bits:  # the same random weights (same seed), quantized
-        models[bits] = actsparse.quantize(build(args), bits=bits, group_size=args.group_size if bits == 4 else None)
-    models.update(torchao_models(args, res))
+        with stage(f"build int{bits}"):
+            models[bits] = actsparse.quantize(build(args), bits=bits, group_size=args.group_size if bits == 4 else None)
+    if args.check:  # before torchao's models set their Inductor options process-wide
+        with stage("check"):
+            res["correctness"] = check(*check_models(args), args)
+        print("correctness:", res["correctness"], flush=True)
+    with stage("build torchao"):
+        models.update(torchao_models(args, res))
     built_ao = tuple(k for k in TORCHAO if k in models)
     import torch._inductor.config as inductor_config
 
@@ -211,12 +258,6 @@ def main(argv=None) -> int:
                                                                 "coordinate_descent_check_all_directions")}
     if cuda:
         res["memory_gib"] = torch.cuda.memory_allocated() / 2**30
-    if args.check:
-        checked = {f"int{b}": models[b] for b in args.bits}
-        checked.update({k: models[k] for k in built_ao if k == "torchao-int8"})
-        res["correctness"] = check(checked, plans[args.sparsity[0]], args)
-        print("correctness:", res["correctness"], flush=True)
-        save()
     dense_rate: dict[int, float] = {}
     for batch, kind, key, s in row_order(args, built_ao):
         bits = TORCHAO.get(key, key)
