@@ -28,7 +28,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 CONFIGS = [qg.INTERPRET_CONFIG, dict(BLOCK_N=32, BLOCK_K=32, CHUNK=64, num_warps=4),
-           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=256, num_warps=4)]  # the last: one chunk covers K
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=256, num_warps=4),  # one chunk covers K
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, num_warps=4),  # unrolled steps
+           dict(BLOCK_N=32, BLOCK_K=16, CHUNK=32, UNROLL=True, ONE_GROUP=True, num_warps=4),  # scales per program
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, UNROLL=False, ONE_GROUP=True, num_warps=4)]
 
 
 def threshold_for(x, sparsity):
@@ -67,11 +70,46 @@ def test_against_reference(bits, k, n, group, m, sparsity):
     check(m, k, n, bits, group, torch.float32, sparsity, False, True, None, seed=k + n + m)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", [8, 4, "8g"])
+def _fits(config, bits, group):
+    return qg.config_fits({**qg.CONFIG_DEFAULTS, **config}, group if bits in (4, "8g") else 0)
+
+
+@pytest.mark.parametrize("config,bits", [(c, b) for c in CONFIGS for b in (8, 4, "8g") if _fits(c, b, 32)])
 def test_configs(config, bits):
-    check(2, 128, 34, bits, 32, torch.float32, 0.4, False, False, config, seed=1)
+    """Every config kind (ONE_GROUP only where the weights are grouped: its refusal is tested below)."""
+    check(2, 128, 34, bits, 32, torch.float32, 0.4, False, True, config, seed=1)
     check(1, 128, 34, bits, 32, torch.float32, 0.4, False, False, config, seed=2)
+    check(1, 96, 10, bits, 32, torch.bfloat16, 0.7, True, True, config, seed=3)  # a K tail, per-row scales
+
+
+@pytest.mark.parametrize("bits", [4, "8g"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+def test_one_group_against_reference(bits, sparsity):
+    """Scales applied once per program, with whole chunks inactive at high sparsity."""
+    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, ONE_GROUP=True, num_warps=4)
+    for m in (1, 5):
+        check(m, 256, 38, bits, 128, torch.float32, sparsity, False, True, cfg, seed=m)
+
+
+def test_configs_that_do_not_fit_are_refused():
+    qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    x = torch.randn(1, 64)
+    bad = [dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, ONE_GROUP=True),  # a chunk spans two groups
+           dict(BLOCK_N=16, BLOCK_K=64, CHUNK=64)]  # a step spans two groups
+    for cfg in bad:
+        with pytest.raises(ValueError, match="does not fit group size 32"):
+            qg.launch_quant_sparse_linear(x, qw.qweight, qw.scales, qw.offsets, None, 0.1, 4, 32, config=cfg)
+    qw8 = quantize_weight(torch.randn(8, 64), 8, None)
+    with pytest.raises(ValueError, match="does not fit group size 0"):
+        qg.launch_quant_sparse_linear(x, qw8.qweight, qw8.scales, None, None, 0.1, 8, 0,
+                                      config=dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, ONE_GROUP=True))
+
+
+def test_prune_keeps_only_fitting_configs():
+    for g in (0, 32, 128):
+        kept = qg._prune(qg.CONFIGS_M1 + qg.CONFIGS_DOT, {"K": 4096, "NC": 4096, "G": g})
+        assert kept and all(qg.config_fits(c.kwargs, g) for c in kept)
+        assert any(c.kwargs["ONE_GROUP"] for c in kept) == (g >= 32)
 
 
 @SETTINGS

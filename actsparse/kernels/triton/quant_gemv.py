@@ -14,15 +14,20 @@ One program per (block of BLOCK_N byte columns) x (chunk of CHUNK input channels
    channel list, so at high sparsity the loop still takes one iteration per BLOCK_K channels).
 2. Dequantise in registers, accumulate in fp32. int8: ``x * q`` summed, the per-output scale
    applied once at the end; grouped int8: ``x * q * s[group]``. int4: a step lies inside one
-   group (BLOCK_K divides G; grouped int8 too), so the
-   group's scales and offsets are loaded once per step, and only if some channel of the step is
-   active; each channel is skipped on its own (granularity: one input channel, N / 2 bytes).
-   The low nibbles feed outputs [j], the high ones outputs [j + N / 2]: two accumulators, no
-   interleaving.
+   group (BLOCK_K divides G; grouped int8 too), so the group's scales and offsets are loaded
+   once per step, and only if some channel of the step is active; each channel is skipped on
+   its own (granularity: one input channel, N / 2 bytes). The low nibbles feed outputs [j],
+   the high ones outputs [j + N / 2]: two accumulators, no interleaving.
+   ONE_GROUP configs (grouped weights; a program's CHUNK inside one group) accumulate the raw
+   integers and apply the group's scale once per program: ``s * sum(x q) + z * sum(x)``, so
+   the inner loop is a conversion and an FMA per weight.
 3. One row (M = 1): fp32 FMAs, reduced over k once at the end. 2..16 rows: the rows padded to 16
    and one ``tl.dot`` per step (the weight tile cast to x's dtype; fp32 inputs stay fp32).
-4. The partial sums are added with fp32 atomics to a zeroed fp32 output; the launcher adds the
-   bias and casts to x's dtype (two small torch ops; CUDA-graph safe, no host sync).
+   UNROLL configs unroll the CHUNK loop so every step's loads are in flight at once (the
+   predicated family's reason); the others loop, with fewer registers.
+4. The partial sums are added with relaxed fp32 atomics to a cached zeroed workspace; the
+   predicated family's finishing launch adds the bias, writes y in x's dtype and re-zeroes the
+   workspace (two launches per call; CUDA-graph safe, no host sync).
 """
 
 from __future__ import annotations
@@ -36,7 +41,68 @@ import triton
 import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
+from actsparse.kernels.triton.predicated_gemv import FINISH_BLOCK, _finish_kernel
 from actsparse.kernels.triton.sparse_gemv import _row_cutoffs
+
+
+@triton.jit
+def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, r0, K, NC, N, G,
+                acc, acc_hi, xsum, cnt,
+                BITS: tl.constexpr, GROUPED: tl.constexpr, ONE_GROUP: tl.constexpr, M_PAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BLOCK_K input channels from r0: load x, predicate the weight rows on the union of the rows'
+    masks, accumulate. ONE_GROUP: the program's channels lie in one group, so the raw integers
+    are accumulated here and the group's scales (and offsets) applied once, at the end."""
+    rows = r0 + tl.arange(0, BLOCK_K)
+    r_ok = rows < K
+    xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+    keep = (tl.abs(xg.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & r_ok[None, :]
+    on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
+    cnt += tl.sum(on.to(tl.int32), axis=0)
+    q = tl.load(Q + rows[:, None] * stride_qk + offs_c[None, :], mask=on[:, None] & c_ok[None, :], other=0)
+    if BITS == 8 and GROUPED and not ONE_GROUP:
+        grp = r0 // G
+        n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
+        g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * g_s[None, :]
+        w_hi = w
+    elif BITS == 8:
+        w = q.to(tl.float32)
+        w_hi = w
+    elif ONE_GROUP:
+        w = (q & 0xF).to(tl.float32)
+        w_hi = (q >> 4).to(tl.float32)
+    else:
+        grp = r0 // G
+        n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
+        g_ok = c_ok & (n_on > 0)  # the group's scales are read only if one of its channels is
+        s_lo = tl.load(S + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+        s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+        z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+        z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+        w = (q & 0xF).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
+        w_hi = (q >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+    if M_PAD == 1:
+        xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
+        acc += xv[:, None] * w
+        if BITS == 4:
+            acc_hi += xv[:, None] * w_hi
+            if ONE_GROUP:
+                xsum += xv
+    else:
+        xm = tl.where(keep, xg, 0.0)
+        if DOT_PRECISION == "tf32":  # half-precision x: the dot in x's dtype, fp32 accumulation
+            acc = tl.dot(xm, w.to(xm.dtype), acc)
+            if BITS == 4:
+                acc_hi = tl.dot(xm, w_hi.to(xm.dtype), acc_hi)
+        else:  # fp32 x, or bf16 under the interpreter (its bf16 dots are wrong): fp32 dots
+            acc = tl.dot(xm.to(tl.float32), w, acc, input_precision="ieee")
+            if BITS == 4:
+                acc_hi = tl.dot(xm.to(tl.float32), w_hi, acc_hi, input_precision="ieee")
+        if BITS == 4 and ONE_GROUP:
+            xsum += tl.sum(xm.to(tl.float32), axis=1)
+    return acc, acc_hi, xsum, cnt
 
 
 @triton.jit
@@ -46,7 +112,7 @@ def _quant_gemv_kernel(
     stride_xm, stride_xk, stride_qk,
     KEY_M, KEY_BITS, KEY_S, KEY_DEV,  # only for the autotune key
     BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -58,84 +124,92 @@ def _quant_gemv_kernel(
     if M_PAD == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
         acc_hi = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([M_PAD], dtype=tl.float32)
+    cnt = tl.sum(tl.zeros([BLOCK_K], dtype=tl.int32), axis=0)
 
     k0 = pid_k * CHUNK
-    for kb in range(0, CHUNK, BLOCK_K):
-        rows = k0 + kb + tl.arange(0, BLOCK_K)
-        r_ok = rows < K
-        xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M_PAD, BLOCK_K]
-        keep = (tl.abs(xg.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & r_ok[None, :]
-        on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
-        q = tl.load(Q + rows[:, None] * stride_qk + offs_c[None, :], mask=on[:, None] & c_ok[None, :], other=0)
-        if BITS == 8 and GROUPED:
-            grp = (k0 + kb) // G
-            n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
-            g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
-            w = q.to(tl.float32) * g_s[None, :]
-        elif BITS == 8:
-            w = q.to(tl.float32)
-        else:
-            grp = (k0 + kb) // G
-            n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
-            g_ok = c_ok & (n_on > 0)  # the group's scales are read only if one of its channels is
-            s_lo = tl.load(S + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-            s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-            z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-            z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-            w = (q & 0xF).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
-            w_hi = (q >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
-        if M_PAD == 1:
-            xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
-            acc += xv[:, None] * w
-            if BITS == 4:
-                acc_hi += xv[:, None] * w_hi
-        else:
-            xm = tl.where(keep, xg, 0.0)
-            if DOT_PRECISION == "tf32":  # half-precision x: the dot in x's dtype, fp32 accumulation
-                acc = tl.dot(xm, w.to(xm.dtype), acc)
-                if BITS == 4:
-                    acc_hi = tl.dot(xm, w_hi.to(xm.dtype), acc_hi)
-            else:  # fp32 x, or bf16 under the interpreter (its bf16 dots are wrong): fp32 dots
-                acc = tl.dot(xm.to(tl.float32), w, acc, input_precision="ieee")
-                if BITS == 4:
-                    acc_hi = tl.dot(xm.to(tl.float32), w_hi, acc_hi, input_precision="ieee")
+    if UNROLL:  # every step's loads can be in flight at once (none depends on another step)
+        for kb in tl.static_range(0, CHUNK, BLOCK_K):
+            acc, acc_hi, xsum, cnt = _quant_step(
+                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
+                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K)
+    else:
+        for kb in range(0, CHUNK, BLOCK_K):
+            acc, acc_hi, xsum, cnt = _quant_step(
+                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
+                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K)
 
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]
         part_hi = tl.sum(acc_hi, axis=0)[None, :]
+        xs = tl.zeros([M_PAD], dtype=tl.float32) + tl.sum(xsum, axis=0)
     else:
         part = acc
         part_hi = acc_hi
+        xs = xsum
     out_ok = m_ok[:, None] & c_ok[None, :]
     if BITS == 8 and not GROUPED:
         s = tl.load(S + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         part = part * s[None, :]
+    elif ONE_GROUP:  # the chunk's one group: its scales, read only if one of its channels is active
+        grp = k0 // G
+        g_ok = c_ok & ((tl.zeros([BLOCK_N], dtype=tl.int32) + cnt) > 0)
+        s_lo = tl.load(S + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+        part = part * s_lo[None, :]
+        if BITS == 4:
+            s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            part = part + xs[:, None] * z_lo[None, :]
+            part_hi = part_hi * s_hi[None, :] + xs[:, None] * z_hi[None, :]
     tl.atomic_add(Y + offs_m[:, None] * N + offs_c[None, :], part, mask=out_ok, sem="relaxed")
     if BITS == 4:
         tl.atomic_add(Y + offs_m[:, None] * N + NC + offs_c[None, :], part_hi, mask=out_ok, sem="relaxed")
 
 
-def _cfg(block_n, block_k, chunk, warps):
-    return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=chunk), num_warps=warps)
+def _cfg(block_n, block_k, chunk, warps, unroll=False, one_group=False):
+    return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=chunk, UNROLL=unroll, ONE_GROUP=one_group),
+                         num_warps=warps, num_stages=1 if unroll else 3)
 
 
+#: One row. The first six loop over the chunk (few programs' worth of loads in flight); the
+#: unrolled ones issue every step's loads at once, with wider column blocks since a byte column
+#: is one output (int8) or two (int4); the ONE_GROUP ones (grouped weights, a chunk inside one
+#: group) apply the group's scales once per program instead of per weight.
 CONFIGS_M1 = [_cfg(128, 32, 256, 4), _cfg(256, 16, 256, 4), _cfg(64, 32, 512, 4), _cfg(128, 32, 1024, 4),
-              _cfg(256, 32, 512, 8), _cfg(128, 16, 128, 4)]
-CONFIGS_DOT = [_cfg(64, 32, 256, 4), _cfg(128, 32, 512, 4), _cfg(128, 16, 256, 4), _cfg(256, 32, 512, 8)]
+              _cfg(256, 32, 512, 8), _cfg(128, 16, 128, 4),
+              _cfg(512, 16, 64, 8, True), _cfg(256, 16, 64, 4, True), _cfg(512, 16, 32, 4, True),
+              _cfg(256, 32, 128, 8, True), _cfg(1024, 16, 32, 8, True), _cfg(256, 16, 128, 4, True),
+              _cfg(256, 16, 64, 4, True, True), _cfg(512, 16, 64, 8, True, True), _cfg(256, 32, 128, 8, True, True),
+              _cfg(512, 16, 128, 8, True, True), _cfg(256, 16, 32, 4, True, True)]
+CONFIGS_DOT = [_cfg(64, 32, 256, 4), _cfg(128, 32, 512, 4), _cfg(128, 16, 256, 4), _cfg(256, 32, 512, 8),
+               _cfg(128, 16, 64, 4, True), _cfg(256, 16, 64, 8, True), _cfg(128, 32, 128, 4, True),
+               _cfg(128, 16, 64, 4, True, True), _cfg(256, 16, 64, 8, True, True), _cfg(128, 32, 128, 8, True, True)]
 #: The interpreter's config (no autotuning there) unless a test passes its own.
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4)
+#: Defaults of the config keys a pinned config may leave out.
+CONFIG_DEFAULTS = dict(UNROLL=False, ONE_GROUP=False)
+
+
+def config_fits(cfg: dict, group_size: int) -> bool:
+    """A step may not straddle a group; a ONE_GROUP chunk must lie inside one (grouped weights only)."""
+    if group_size and group_size % cfg["BLOCK_K"]:
+        return False
+    if cfg.get("ONE_GROUP"):
+        return bool(group_size) and group_size % cfg["CHUNK"] == 0
+    return True
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs much larger than the problem, and int4 steps that would straddle a group."""
+    """Drop configs much larger than the problem, and those that do not fit its groups."""
     k, nc, g = named_args["K"], named_args["NC"], named_args["G"]
     keep = [c for c in configs if c.kwargs["CHUNK"] <= max(2 * k, 128) and c.kwargs["BLOCK_N"] <= max(2 * nc, 64)
-            and (g == 0 or g % c.kwargs["BLOCK_K"] == 0)]
-    return keep or configs[-1:]
+            and config_fits(c.kwargs, g)]
+    return keep or [c for c in configs if config_fits(c.kwargs, g)][-1:]
 
 
 _TUNERS: dict[int, object] = {}
@@ -179,13 +253,14 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
         assert scales.shape == (n,)
         group_size = 0
     scales = scales.contiguous()
-    y = torch.zeros((M, n), dtype=torch.float32, device=x.device)
+    n_ws = M * n
+    ws = rt.zeroed_buffer("quant_gemv", n_ws, torch.float32, x.device)  # the finishing launch re-zeroes it
     rs = None
     if row_scale is not None:
         rs = row_scale.reshape(-1).to(torch.float32).contiguous()
         assert rs.numel() == M
     m_pad = rows_pad(M)
-    args = [x, rs if rs is not None else y, qweight, scales, offsets if offsets is not None else scales, y,
+    args = [x, rs if rs is not None else ws, qweight, scales, offsets if offsets is not None else scales, ws,
             float(threshold), M, K, nc, n, group_size, x.stride(0), x.stride(1), qweight.stride(0),
             m_pad, bits + (100 if group_size else 0), rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
     meta = dict(BITS=bits, GROUPED=group_size > 0, HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(x.dtype))
@@ -196,11 +271,15 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
     if config is None and rt.interpreting():
         config = INTERPRET_CONFIG
     if config is not None:
-        cfg = dict(config)
-        assert group_size == 0 or group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group"
+        cfg = {**CONFIG_DEFAULTS, **config}
+        if not config_fits(cfg, group_size):
+            raise ValueError(f"config {config} does not fit group size {group_size}: BLOCK_K must divide the "
+                             "group, and a ONE_GROUP chunk must lie inside one")
         _quant_gemv_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
         _tuned(m_pad)[grid](*args, **meta)
-    if bias is not None:
-        y += bias.to(torch.float32)
-    return y.to(x.dtype)
+    y = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    finish = (triton.cdiv(n, FINISH_BLOCK), M)
+    _finish_kernel[finish](ws, y, y, y, bias if bias is not None else ws, ws, ws, n, 0, 0, n, NUM_OUT=1,
+                           HAS_B0=bias is not None, HAS_B1=False, HAS_B2=False, BLOCK=FINISH_BLOCK, num_warps=4)
+    return y
