@@ -56,6 +56,22 @@ def weight_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
                      "(compile the model itself with backend='sparse')")
 
 
+def replace_node(graph: fx.Graph, old: fx.Node, new: fx.Node, orphans: list[fx.Node]) -> None:
+    """Put ``new`` in ``old``'s place (its users and metadata) and erase ``old``; its inputs go to
+    ``orphans`` for ``erase_orphans`` once the pass is done."""
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    orphans.extend(old.all_input_nodes)
+    graph.erase_node(old)
+
+
+def mark_rewritten(sites, rule: str) -> None:
+    """Record on each site the rule that now runs it, so no later rule rewrites it again."""
+    for x in sites:
+        x.rule = rule
+        x.rewritten = True
+
+
 def erase_orphans(graph: fx.Graph, candidates: list[fx.Node]) -> None:
     """Erase the nodes a rewrite left without users, and what only they used.
 

@@ -14,7 +14,7 @@ from ..ops.gated_mlp import gated_mlp as gated_mlp_op
 from ..plan import PlanError
 from .context import PassContext
 from .find_sites import Site
-from .graph import erase_orphans, run_dense, static_rows
+from .graph import erase_orphans, mark_rewritten, replace_node, run_dense, static_rows
 from .quant_masks import refuse_quantized
 
 
@@ -57,11 +57,6 @@ def lower_gated_mlp(graph: fx.Graph, s: Site, threshold: float, hint: float, orp
         args = (gate.input, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, threshold)
         new = graph.call_function(masked_gated_mlp, args) if dense else \
             graph.call_function(gated_mlp_op, args + (False, hint))
-    new.meta.update(s.node.meta)
-    s.node.replace_all_uses_with(new)
-    orphans.extend(s.node.all_input_nodes)
-    graph.erase_node(s.node)
+    replace_node(graph, s.node, new, orphans)
     note = f" (dense, {static_rows(gate.input)} rows)" if dense else ""
-    for x in (gate, s, up):
-        x.rule = f"{rule}{note}"
-        x.rewritten = True
+    mark_rewritten((gate, s, up), f"{rule}{note}")

@@ -25,7 +25,7 @@ from ..plan.rules.exact import ExactZeros
 from ..plan.rules.experts import Experts
 from .context import PassContext
 from .find_sites import Site
-from .graph import erase_orphans, example_value
+from .graph import erase_orphans, example_value, mark_rewritten, replace_node
 from .quant_masks import refuse_quantized
 
 
@@ -86,13 +86,8 @@ def insert_experts(gm: fx.GraphModule, ctx: PassContext) -> None:
                                                           float(spec["threshold"])))
             new = graph.call_function(expert_mlp_op, (gate.input, mask, gate.weight, up.weight, s.weight,
                                                       gate.bias, up.bias, s.bias, s.act, hint))
-        new.meta.update(s.node.meta)
-        s.node.replace_all_uses_with(new)
-        orphans.extend(s.node.all_input_nodes)
-        graph.erase_node(s.node)
-        for x in (gate, up, s):
-            x.rule = f"experts E={spec['experts']} density {spec['density']:.2f}"
-            x.rewritten = True
+        replace_node(graph, s.node, new, orphans)
+        mark_rewritten((gate, up, s), f"experts E={spec['experts']} density {spec['density']:.2f}")
         ctx.stats.expert_mlp_calls += 1
         ctx.stats.masked_sites += 1
     erase_orphans(graph, orphans)

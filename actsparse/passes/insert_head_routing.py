@@ -25,7 +25,7 @@ from ..ops.route_heads import route_heads as route_heads_op
 from ..plan import HeadRouting, PlanError
 from .context import PassContext
 from .find_attention import Attention, find_attention
-from .graph import erase_orphans, example_value
+from .graph import erase_orphans, example_value, replace_node
 
 
 def _check(pname: str, spec: dict, att: Attention, ctx: PassContext) -> None:
@@ -70,10 +70,7 @@ def insert_head_routing(gm: fx.GraphModule, ctx: PassContext) -> None:
             with graph.inserting_before(att.anchor):
                 new = graph.call_function(head_sparse_attention_op, (
                     att.q, att.k, att.v, att.mask, units, hpu, att.scale, att.is_causal, density))
-            new.meta.update(att.anchor.meta)
-            att.anchor.replace_all_uses_with(new)
-            orphans.extend(att.anchor.all_input_nodes)
-            graph.erase_node(att.anchor)
+            replace_node(graph, att.anchor, new, orphans)
         else:
             with graph.inserting_after(att.anchor):
                 new = graph.call_function(zero_unselected_heads, (att.anchor, units, hpu))

@@ -28,7 +28,7 @@ from ..ops.sparse_linear import reserve_sparse_gemv
 from ..plan import PlanError
 from .context import PassContext
 from .find_sites import Site
-from .graph import erase_orphans, example_value
+from .graph import erase_orphans, example_value, mark_rewritten, replace_node
 from .quant_masks import refuse_quantized
 
 
@@ -95,14 +95,9 @@ def insert_predictors(gm: fx.GraphModule, ctx: PassContext) -> None:
             mask = _local_neurons(graph, mask, gate, int(spec["neurons"]))
             new = graph.call_function(predicted_mlp_op, (
                 gate.input, mask, gate.weight, up.weight, s.weight, gate.bias, up.bias, s.bias, s.act, hint))
-        new.meta.update(s.node.meta)
-        s.node.replace_all_uses_with(new)
-        orphans.extend(s.node.all_input_nodes)
-        graph.erase_node(s.node)
+        replace_node(graph, s.node, new, orphans)
         sel = f"top-{spec['keep']}" if topk else f"logit>{spec['threshold']:.3g}"
-        for x in (gate, up, s):
-            x.rule = f"predictor r={spec['rank']} {sel}/{spec['neurons']}"
-            x.rewritten = True
+        mark_rewritten((gate, up, s), f"predictor r={spec['rank']} {sel}/{spec['neurons']}")
         ctx.stats.predicted_mlp_calls += 1
         ctx.stats.masked_sites += 1
     erase_orphans(graph, orphans)
