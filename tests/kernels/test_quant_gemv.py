@@ -144,3 +144,9 @@ def test_skipped_channels_are_not_read():
         ref = quant_sparse_linear_reference(x, qw.qweight, qw.scales.float(), None if offsets is None else
                                             qw.offsets.float(), None, 0.5, False, bits, qw.group_size)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_configs_are_keyed_by_group_size():
+    """A ONE_GROUP config tuned for groups of 128 would be wrong for groups of 32 of the same shape."""
+    for m_pad in (1, 16):
+        assert "G" in qg._tuned(m_pad).keys

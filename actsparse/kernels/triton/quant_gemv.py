@@ -218,7 +218,7 @@ _TUNERS: dict[int, object] = {}
 def _tuned(m_pad: int):
     if m_pad not in _TUNERS:
         kwargs = dict(configs=CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT,
-                      key=["K", "NC", "KEY_M", "KEY_BITS", "KEY_S", "KEY_DEV"],
+                      key=["K", "NC", "G", "KEY_M", "KEY_BITS", "KEY_S", "KEY_DEV"],
                       reset_to_zero=["Y"], do_bench=rt.autotune_bench, cache_results=True,
                       prune_configs_by={"early_config_prune": _prune})
         accepted = inspect.signature(triton.autotune).parameters
