@@ -164,17 +164,24 @@ TORCHAO = {"torchao-int8": 8, "torchao-int4": 4}  # model key -> bits
 
 
 def row_order(args, torchao: tuple[str, ...] = ()) -> list[tuple[int, str, int | str | None, float | None]]:
-    """(batch, kind, model key, sparsity) in the order they run: per batch the dense rows, then
-    the sparse ones at the first sparsity for each width, then the rest. ``torchao``: the torchao
-    models built (their dense rows; sparse rows for torchao-int8, the layout our kernel reads)."""
+    """(batch, kind, model key, sparsity) in the order they run, the comparison the targets name
+    first, so that a run cut short by its budget still holds it: per batch the bf16 baseline,
+    then for each width torchao's dense row (else Inductor's) and ours at the first sparsity,
+    then the other dense rows, then the other sparsities. ``torchao``: the torchao models built
+    (their dense rows; sparse rows for torchao-int8, the layout our kernel reads)."""
     rows = []
     for batch in args.batches:
-        rows.append((batch, "dense", None, None))
-        rows += [(batch, "dense", b, None) for b in args.bits]
-        rows += [(batch, "dense", key, None) for key in torchao]
-        for s in args.sparsity:
-            rows += [(batch, "sparse", b, s) for b in args.bits]
-            rows += [(batch, "sparse", key, s) for key in torchao if key == "torchao-int8"]
+        first = [(batch, "dense", None, None)]
+        for b in args.bits:
+            ao = [key for key in torchao if TORCHAO[key] == b]
+            first += [(batch, "dense", key, None) for key in ao] or [(batch, "dense", b, None)]
+            first.append((batch, "sparse", b, args.sparsity[0]))
+            first += [(batch, "sparse", key, args.sparsity[0]) for key in ao if key == "torchao-int8"]
+        rest = [(batch, "dense", key, None) for key in (*args.bits, *torchao)]
+        for s in args.sparsity[1:]:
+            rest += [(batch, "sparse", b, s) for b in args.bits]
+            rest += [(batch, "sparse", key, s) for key in torchao if key == "torchao-int8"]
+        rows += first + [r for r in rest if r not in first]
     return rows
 
 

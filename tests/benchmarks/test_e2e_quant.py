@@ -50,3 +50,14 @@ def test_defaults_and_errors():
     for bad in (["--sparsity", "1.0"], ["--bits", "2"]):
         with pytest.raises(SystemExit):
             e2e_quant.parse_args(bad + ["--out", "x.json"])
+
+
+def test_row_order_puts_the_targets_comparison_first():
+    a = e2e_quant.parse_args(["--out", "x.json", "--batches", "1", "--sparsity", "0.5", "0.4"])
+    rows = e2e_quant.row_order(a, ("torchao-int8", "torchao-int4"))
+    assert rows[:6] == [(1, "dense", None, None), (1, "dense", "torchao-int8", None), (1, "sparse", 8, 0.5),
+                        (1, "sparse", "torchao-int8", 0.5), (1, "dense", "torchao-int4", None), (1, "sparse", 4, 0.5)]
+    assert len(rows) == len(set(rows))
+    assert {(1, "dense", 8, None), (1, "dense", 4, None), (1, "sparse", 8, 0.4)} <= set(rows)
+    no_ao = e2e_quant.row_order(a)
+    assert no_ao[:3] == [(1, "dense", None, None), (1, "dense", 8, None), (1, "sparse", 8, 0.5)]
