@@ -31,7 +31,8 @@ CONFIGS = [qg.INTERPRET_CONFIG, dict(BLOCK_N=32, BLOCK_K=32, CHUNK=64, num_warps
            dict(BLOCK_N=16, BLOCK_K=16, CHUNK=256, num_warps=4),  # one chunk covers K
            dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, num_warps=4),  # unrolled steps
            dict(BLOCK_N=32, BLOCK_K=16, CHUNK=32, UNROLL=True, ONE_GROUP=True, num_warps=4),  # scales per program
-           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, UNROLL=False, ONE_GROUP=True, num_warps=4)]
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, UNROLL=False, ONE_GROUP=True, num_warps=4),
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FAST_CVT=True, num_warps=4)]  # integers converted by bit tricks
 
 
 def threshold_for(x, sparsity):
@@ -86,7 +87,7 @@ def test_configs(config, bits):
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
 def test_one_group_against_reference(bits, sparsity):
     """Scales applied once per program, with whole chunks inactive at high sparsity."""
-    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, ONE_GROUP=True, num_warps=4)
+    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, ONE_GROUP=True, FAST_CVT=True, num_warps=4)
     for m in (1, 5):
         check(m, 256, 38, bits, 128, torch.float32, sparsity, False, True, cfg, seed=m)
 
@@ -150,3 +151,26 @@ def test_tuned_configs_are_keyed_by_group_size():
     """A ONE_GROUP config tuned for groups of 128 would be wrong for groups of 32 of the same shape."""
     for m_pad in (1, 16):
         assert "G" in qg._tuned(m_pad).keys
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_conversion_is_exact_over_every_code(bits):
+    """Every integer code (int8 -127..127, both nibbles 0..15) converts exactly: an identity-like
+    weight with one active channel per output reproduces the codes times their scales."""
+    k = 256 if bits == 8 else 32
+    n = 256 if bits == 8 else 32
+    g = torch.Generator().manual_seed(0)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, 32 if bits == 4 else None)
+    x = torch.randn(3, k, generator=g)
+    for fast in (False, True):
+        cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FAST_CVT=fast, num_warps=4)
+        out = qg.launch_quant_sparse_linear(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits, qw.group_size,
+                                            config=cfg)
+        ref = quant_sparse_linear_reference(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
+                                            qw.group_size)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    codes = qw.qweight.flatten().to(torch.int32)
+    if bits == 8:
+        assert codes.unique().numel() >= 200  # the weights exercise nearly every int8 code
+    else:
+        assert (codes & 0xF).unique().numel() == 16 and (codes >> 4).unique().numel() == 16

@@ -46,10 +46,21 @@ from actsparse.kernels.triton.sparse_gemv import _row_cutoffs
 
 
 @triton.jit
+def _int_to_f32(v, FAST_CVT: tl.constexpr):
+    """int32 values in [0, 2^23) to fp32, exactly. FAST_CVT: OR them into the mantissa of 2^23
+    and subtract 2^23 (a logic op and an add at full rate, where the conversion instruction issues
+    at a fraction of the FMA rate)."""
+    if FAST_CVT:
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, r0, K, NC, N, G,
                 acc, acc_hi, xsum, cnt,
                 BITS: tl.constexpr, GROUPED: tl.constexpr, ONE_GROUP: tl.constexpr, M_PAD: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST_CVT: tl.constexpr):
     """BLOCK_K input channels from r0: load x, predicate the weight rows on the union of the rows'
     masks, accumulate. ONE_GROUP: the program's channels lie in one group, so the raw integers
     are accumulated here and the group's scales (and offsets) applied once, at the end."""
@@ -61,18 +72,24 @@ def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutof
     on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
     cnt += tl.sum(on.to(tl.int32), axis=0)
     q = tl.load(Q + rows[:, None] * stride_qk + offs_c[None, :], mask=on[:, None] & c_ok[None, :], other=0)
+    qi = q.to(tl.int32)
+    if BITS == 8:
+        qf = _int_to_f32(qi + 128, FAST_CVT) - 128.0  # int8 -128..127, shifted into 0..255 and back
+    else:  # uint8 holding two nibbles
+        qf = _int_to_f32(qi & 0xF, FAST_CVT)
+        qf_hi = _int_to_f32((qi >> 4) & 0xF, FAST_CVT)
     if BITS == 8 and GROUPED and not ONE_GROUP:
         grp = r0 // G
         n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
         g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
-        w = q.to(tl.float32) * g_s[None, :]
+        w = qf * g_s[None, :]
         w_hi = w
     elif BITS == 8:
-        w = q.to(tl.float32)
+        w = qf
         w_hi = w
     elif ONE_GROUP:
-        w = (q & 0xF).to(tl.float32)
-        w_hi = (q >> 4).to(tl.float32)
+        w = qf
+        w_hi = qf_hi
     else:
         grp = r0 // G
         n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
@@ -81,8 +98,8 @@ def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutof
         s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
         z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
         z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-        w = (q & 0xF).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
-        w_hi = (q >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+        w = qf * s_lo[None, :] + z_lo[None, :]
+        w_hi = qf_hi * s_hi[None, :] + z_hi[None, :]
     if M_PAD == 1:
         xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
         acc += xv[:, None] * w
@@ -113,6 +130,7 @@ def _quant_gemv_kernel(
     KEY_M, KEY_BITS, KEY_S, KEY_DEV,  # only for the autotune key
     BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, ONE_GROUP: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -136,12 +154,12 @@ def _quant_gemv_kernel(
         for kb in tl.static_range(0, CHUNK, BLOCK_K):
             acc, acc_hi, xsum, cnt = _quant_step(
                 X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
-                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K)
+                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K, FAST_CVT)
     else:
         for kb in range(0, CHUNK, BLOCK_K):
             acc, acc_hi, xsum, cnt = _quant_step(
                 X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
-                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K)
+                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K, FAST_CVT)
 
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]
@@ -172,14 +190,15 @@ def _quant_gemv_kernel(
 
 
 def _cfg(block_n, block_k, chunk, warps, unroll=False, one_group=False):
-    return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=chunk, UNROLL=unroll, ONE_GROUP=one_group),
-                         num_warps=warps, num_stages=1 if unroll else 3)
+    return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=chunk, UNROLL=unroll, ONE_GROUP=one_group,
+                              FAST_CVT=unroll), num_warps=warps, num_stages=1 if unroll else 3)
 
 
 #: One row. The first six loop over the chunk (few programs' worth of loads in flight); the
 #: unrolled ones issue every step's loads at once, with wider column blocks since a byte column
-#: is one output (int8) or two (int4); the ONE_GROUP ones (grouped weights, a chunk inside one
-#: group) apply the group's scales once per program instead of per weight.
+#: is one output (int8) or two (int4), and convert integers without the conversion unit
+#: (FAST_CVT); the ONE_GROUP ones (grouped weights, a chunk inside one group) apply the group's
+#: scales once per program instead of per weight.
 CONFIGS_M1 = [_cfg(128, 32, 256, 4), _cfg(256, 16, 256, 4), _cfg(64, 32, 512, 4), _cfg(128, 32, 1024, 4),
               _cfg(256, 32, 512, 8), _cfg(128, 16, 128, 4),
               _cfg(512, 16, 64, 8, True), _cfg(256, 16, 64, 4, True), _cfg(512, 16, 32, 4, True),
@@ -192,7 +211,7 @@ CONFIGS_DOT = [_cfg(64, 32, 256, 4), _cfg(128, 32, 512, 4), _cfg(128, 16, 256, 4
 #: The interpreter's config (no autotuning there) unless a test passes its own.
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4)
 #: Defaults of the config keys a pinned config may leave out.
-CONFIG_DEFAULTS = dict(UNROLL=False, ONE_GROUP=False)
+CONFIG_DEFAULTS = dict(UNROLL=False, ONE_GROUP=False, FAST_CVT=False)
 
 
 def config_fits(cfg: dict, group_size: int) -> bool:
