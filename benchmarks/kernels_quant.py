@@ -47,6 +47,16 @@ def timer(fn, cuda: bool) -> float:
     return 1e6 * (time.perf_counter() - t0)
 
 
+def chosen_config(batch: int) -> dict | None:
+    """The config the autotuner last chose for this row count (None in the interpreter)."""
+    from actsparse.kernels.triton import quant_gemv as qg
+
+    best = getattr(qg._TUNERS.get(qg.rows_pad(batch)), "best_config", None)
+    if best is None:
+        return None
+    return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from actsparse.kernels.triton import quant_gemv as qg
@@ -86,7 +96,8 @@ def main(argv=None) -> int:
                                                                        sparsity_hint=s), cuda)
                     row = {"shape": name, "k": k, "n": n, "bits": bits, "batch": batch, "sparsity": s,
                            "us_sparse": t_sp, "us_bf16_cublas": t_bf16, "us_dense_dequant": t_dq,
-                           "vs_bf16": t_bf16 / t_sp, "vs_dense_quant": t_dq / t_sp, "rel_err": err}
+                           "vs_bf16": t_bf16 / t_sp, "vs_dense_quant": t_dq / t_sp, "rel_err": err,
+                           "config": chosen_config(batch)}
                     res["rows"].append(row)
                     out.write_text(json.dumps(res, indent=1))
                     print(f"{name:>8} b{batch} int{bits} {s:4.0%}: {t_sp:7.1f} us  x{row['vs_bf16']:.2f} vs bf16  "
