@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsity", type=float, nargs="*", default=[0.5])
     p.add_argument("--method", default="teal", help="calibration method of the sparse plans")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="compare these methods' plans at each --sparsity: every variant on its own copy of "
+                        "the model, timed in interleaved rounds (a shared machine's noise hits them alike)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -258,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
 
+    if args.methods:
+        methods_run(model, calib, tok, ids, cache_len, args, result)
+        save()
+        for r in result["rows"]:
+            print(f"{r['variant']:>24}: {r['tok_s']:7.2f} tok/s  x{r['vs_dense']:.2f}")
+        return 0
     if args.adapters:
         relufied_run(model, calib, tok, ids, cache_len, args, result)
         save()
@@ -316,6 +325,43 @@ def weight_bytes_bound(model, mlp_sparsity: float) -> dict[str, float]:
                 for m in gated_mlps(model)) * mlp_sparsity
     frac = (total - saved) / total
     return {"weight_bytes_fraction": round(frac, 4), "speedup_bound_from_bytes": round(1 / frac, 3)}
+
+
+def methods_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, result: dict[str, Any]) -> None:
+    """Dense compiled and each of ``--methods`` at each ``--sparsity``, each on its own copy of
+    the model, compiled, then timed in interleaved rounds; ``vs_dense`` against the first."""
+    import copy
+    import os
+
+    import actsparse
+
+    specs: list[tuple[str, Any, Any, Any]] = [("dense (inductor)", model, "inductor", None)]
+    for method in args.methods:
+        for s in args.sparsity:
+            plan = actsparse.calibrate(model, calib, method=method, sparsity=s, tokenizer=tok,
+                                       token_budget=args.calib_tokens)
+            m = copy.deepcopy(model)
+            actsparse.prepare(m, plan)
+            specs.append((f"{method} {s:.0%}", m, actsparse.backend(plan), plan))
+    result.update(cpu=result["device"], loadavg_start=[round(x, 2) for x in os.getloadavg()], note=LOAD_NOTE)
+    compiled = {}
+    for name, m, be, _ in specs:
+        print(f"[cpu_decode] compiling {name} ...", file=sys.stderr, flush=True)
+        compiled[name] = compile_variant(m, be, ids, args.new_tokens, cache_len)
+    timed, load = time_interleaved(compiled, ids, args.new_tokens, args.repeats)
+    result["loadavg_rounds"] = load
+    dense = timed[specs[0][0]]["tokens_per_s"]
+    for name, m, _, plan in specs:
+        t = timed[name]
+        row = {"variant": name, "batch": 1, "sparsity": plan.target if plan is not None else 0.0,
+               "tok_s": round(t["tokens_per_s"], 3), "vs_dense": round(t["tokens_per_s"] / dense, 4),
+               "runs": [round(x, 3) for x in t["runs"]],
+               "compile_and_first_s": round(compiled[name]["compile_and_first_s"], 1)}
+        if plan is not None:
+            row["plan"] = {"method": plan.method, "target": plan.target, "overall_sparsity": plan.overall_sparsity}
+            row["greedy_prefix_agreement_with_masked_eager"] = agreement(
+                t["tokens"], reference_tokens(m, plan, ids, args.new_tokens, cache_len))
+        result["rows"].append(row)
 
 
 def relufied_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, result: dict[str, Any]) -> None:

@@ -116,3 +116,25 @@ def test_random_relu_run_rows(monkeypatch):
     assert 0.2 < exact["sparsity"] < 0.8  # random weights: about half the neurons are zero
     assert 0 < exact["weight_bytes_fraction"] < 1 and exact["speedup_bound_from_bytes"] > 1
     assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+
+
+def test_methods_run_interleaves_every_method(tmp_path):
+    """Methods compared on a tiny model: dense plus one row per (method, sparsity), timed in
+    rounds, each sparse row's greedy tokens compared with its masked eager reference."""
+    import argparse
+
+    from benchmarks.cpu_decode import methods_run
+
+    base = tiny("llama")
+    g = torch.Generator().manual_seed(4)
+    calib = torch.randint(3, 128, (1, 64), generator=g)
+    ids = torch.randint(3, 128, (1, 8), generator=g)
+    args = argparse.Namespace(methods=["teal", "cats"], sparsity=[0.5], calib_tokens=64, new_tokens=4, repeats=2)
+    result = {"device": "CPU", "rows": []}
+    methods_run(base, calib, None, ids, 16, args, result)
+    assert [r["variant"] for r in result["rows"]] == ["dense (inductor)", "teal 50%", "cats 50%"]
+    assert len(result["loadavg_rounds"]) == 2
+    for r in result["rows"][1:]:
+        assert r["plan"]["method"] == r["variant"].split()[0] and r["sparsity"] == 0.5
+        assert len(r["runs"]) == 2 and r["vs_dense"] > 0
+        assert r["greedy_prefix_agreement_with_masked_eager"] == 1.0  # fp32: the same masks, the same tokens
