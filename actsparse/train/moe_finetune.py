@@ -274,14 +274,15 @@ def _held_out_kl(model, teacher, routing: _Routing, seqs: torch.Tensor, batch: i
 
 def finetune_moe(model: nn.Module, plan: SparsityPlan, teacher: nn.Module | None = None,
                  config: MoeFinetuneConfig | None = None, *, sequences: torch.Tensor | None = None,
-                 calibration: torch.Tensor | None = None,
+                 held_out: torch.Tensor | None = None, calibration: torch.Tensor | None = None,
                  progress: bool | Callable[[int, dict], None] = False) -> tuple[SparsityPlan, MoeFinetuneResult]:
     """Fine-tune the moefied ``model`` (in place: LoRA adapters are added, not merged) and its
     ``plan``'s routers towards the dense ``teacher``; returns (new plan, result).
 
     ``teacher``: the dense model (frozen); for ``train="router"`` it may be None, then ``model``
     itself without routing is the teacher (its weights do not change). ``sequences`` [N, T]:
-    training tokens (default: ``config.samples`` sampled from the teacher). ``calibration``
+    training tokens (default: ``config.samples`` sampled from the teacher, and ``config.held_out``
+    more as ``held_out``, the sequences the KL is measured on before and after). ``calibration``
     [N, T]: the tokens the thresholds are recalibrated on afterwards (default: the training
     sequences). ``progress``: True for a progress bar, or a callback ``(step, values)``.
     """
@@ -307,7 +308,8 @@ def finetune_moe(model: nn.Module, plan: SparsityPlan, teacher: nn.Module | None
                                      temperature=cfg.temperature, top_k=cfg.top_k)
         train_seqs, held = sequences[:cfg.samples], sequences[cfg.samples:]
     else:
-        train_seqs, held = _ids(sequences, "finetune_moe: sequences"), sequences[:0]
+        train_seqs = _ids(sequences, "finetune_moe: sequences")
+        held = train_seqs[:0] if held_out is None else _ids(held_out, "finetune_moe: held_out")
     res.sample_seconds = time.perf_counter() - t0
     calibration = train_seqs if calibration is None else _ids(calibration, "finetune_moe: calibration")
     res.held_out_kl_before = _held_out_kl(model, dense_teacher, routing, held, cfg.batch_size)
