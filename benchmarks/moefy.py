@@ -28,8 +28,8 @@ before fine-tuning (its own thresholds, and recalibrated layer after layer as th
         --plan .cache/moefy/smollm2-135m-e128.plan.json --finetune router lora both \\
         --out benchmarks/results/moefy_finetune_smollm2-135m.json
 
-``--plan`` reuses a conversion saved with ``--save-plan`` (same arguments), since clustering
-costs minutes; ``--ft-sequences`` caches the teacher's sampled sequences (safetensors).
+``--plan`` reuses a conversion saved by an earlier run with the same arguments (made and saved
+there when the file is missing), since clustering costs minutes; ``--ft-sequences`` caches the teacher's sampled sequences (safetensors).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ft-seq-len", type=int, default=128)
     p.add_argument("--ft-samples", type=int, default=256, help="training sequences sampled from the dense model")
     p.add_argument("--ft-held-out", type=int, default=16, help="further sampled sequences for the held-out KL")
-    p.add_argument("--ft-router-lr", type=float, default=1e-2)
+    p.add_argument("--ft-router-lr", type=float, default=3e-3)
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--ft-rank", type=int, default=8)
     p.add_argument("--ft-tau", type=float, default=0.25)
@@ -218,8 +218,8 @@ def converted(base, tok, calib: str, args):
     model, plan = actsparse.moefy(copy.deepcopy(base), experts=args.experts, density=args.densities[0],
                                   calibration=calib, tokenizer=tok, features=args.features, router=args.router,
                                   hidden=args.hidden, token_budget=args.calib_tokens, seed=args.seed, report=rep)
-    if args.save_plan:
-        plan.save(args.save_plan)
+    if args.save_plan or args.plan:  # a --plan not there yet is made here, for the next run
+        plan.save(args.save_plan or args.plan)
     return model, plan, rep
 
 
