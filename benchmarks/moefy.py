@@ -25,8 +25,12 @@ density (thresholds recalibrated on the calibration articles), beside the same c
 before fine-tuning (its own thresholds, and recalibrated layer after layer as the recipes are):
 
     OMP_NUM_THREADS=2 python -m benchmarks.moefy --experts 128 --densities 0.667 0.639 \\
-        --plan .cache/moefy/smollm2-135m-e128.plan.json --finetune router lora both \\
-        --out benchmarks/results/moefy_finetune_smollm2-135m.json
+        --plan .cache/moefy/smollm2-135m-e128-d0.667.plan.json --finetune router lora both \\
+        --ft-steps 120 --ft-max-minutes 10 --ft-sequences .cache/moefy/smollm2-135m-seqs-256x128.safetensors \\
+        --decode-steps 0 --out benchmarks/results/moefy_finetune_smollm2-135m.json
+
+Density 0.639 is where the MLP bytes, router included (0.028 of the MLP at 128 experts),
+equal CATS at 50% (0.667).
 
 ``--plan`` reuses a conversion saved by an earlier run with the same arguments (made and saved
 there when the file is missing), since clustering costs minutes; ``--ft-sequences`` caches the teacher's sampled sequences (safetensors).
