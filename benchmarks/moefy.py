@@ -17,6 +17,23 @@ the gate in full and ``1 - s`` of up and down, so CATS at activation sparsity s 
 sparsities that match the other densities). Overlap: greedy decoding, batch 1, the fraction of
 a step's experts that also ran at the previous step (as ``benchmarks/overlap.py`` measures
 neurons), per MLP, averaged.
+
+``--finetune router lora both`` fine-tunes the converted model with
+``actsparse.train.moe_finetune`` (self-distillation KL to the dense model on sequences it
+samples, routed forward in the loop) at the first density, then evaluates each recipe at every
+density (thresholds recalibrated on the calibration articles), beside the same conversion
+before fine-tuning (its own thresholds, and recalibrated layer after layer as the recipes are):
+
+    OMP_NUM_THREADS=2 python -m benchmarks.moefy --experts 128 --densities 0.667 0.639 \\
+        --plan .cache/moefy/smollm2-135m-e128-d0.667.plan.json --finetune router lora both \\
+        --ft-steps 120 --ft-max-minutes 10 --ft-sequences .cache/moefy/smollm2-135m-seqs-256x128.safetensors \\
+        --decode-steps 0 --out benchmarks/results/moefy_finetune_smollm2-135m.json
+
+Density 0.639 is where the MLP bytes, router included (0.028 of the MLP at 128 experts),
+equal CATS at 50% (0.667).
+
+``--plan`` reuses a conversion saved by an earlier run with the same arguments (made and saved
+there when the file is missing), since clustering costs minutes; ``--ft-sequences`` caches the teacher's sampled sequences (safetensors).
 """
 
 from __future__ import annotations
@@ -56,6 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="evaluation data directory (default: $ACTSPARSE_DATA)")
     p.add_argument("--out", default="benchmarks/results/moefy_smollm2-135m.json")
+    p.add_argument("--plan", default=None, help="a saved conversion plan to use instead of converting again")
+    p.add_argument("--save-plan", default=None, help="save the conversion plan here (JSON + safetensors)")
+    p.add_argument("--finetune", nargs="+", default=[], choices=["router", "lora", "both"],
+                   help="fine-tune recipes to measure (actsparse.train.moe_finetune)")
+    p.add_argument("--ft-steps", type=int, default=120)
+    p.add_argument("--ft-batch", type=int, default=4)
+    p.add_argument("--ft-seq-len", type=int, default=128)
+    p.add_argument("--ft-samples", type=int, default=256, help="training sequences sampled from the dense model")
+    p.add_argument("--ft-held-out", type=int, default=16, help="further sampled sequences for the held-out KL")
+    p.add_argument("--ft-router-lr", type=float, default=3e-3)
+    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--ft-rank", type=int, default=8)
+    p.add_argument("--ft-tau", type=float, default=0.25)
+    p.add_argument("--ft-max-minutes", type=float, default=10.0, help="training time cap per recipe")
+    p.add_argument("--ft-sequences", default=None, help="cache file (safetensors) of the sampled sequences")
+    p.add_argument("--ft-save", default=None, help="directory to save each recipe's plan and adapters in")
     return p.parse_args(argv)
 
 
@@ -175,6 +208,112 @@ def oracle(model, plan, density: float):
             del m.forward
 
 
+def converted(base, tok, calib: str, args):
+    """(moefied copy of ``base``, plan, conversion report or None): converted here, or the saved
+    ``--plan`` applied to a copy (``permute``)."""
+    import actsparse
+    from actsparse.plan import SparsityPlan
+    from actsparse.train.moefy import MoefyReport, permute
+
+    if args.plan and Path(args.plan).is_file():
+        plan = SparsityPlan.load(args.plan, base)
+        return permute(copy.deepcopy(base), plan), plan, None
+    rep = MoefyReport()
+    model, plan = actsparse.moefy(copy.deepcopy(base), experts=args.experts, density=args.densities[0],
+                                  calibration=calib, tokenizer=tok, features=args.features, router=args.router,
+                                  hidden=args.hidden, token_budget=args.calib_tokens, seed=args.seed, report=rep)
+    if args.save_plan or args.plan:  # a --plan not there yet is made here, for the next run
+        plan.save(args.save_plan or args.plan)
+    return model, plan, rep
+
+
+def teacher_sequences(base, args) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(training, held-out) sequences sampled from the dense model, and the seconds it took
+    (0 when read back from ``--ft-sequences``)."""
+    from safetensors.torch import load_file, save_file
+
+    from actsparse.train import sample_sequences
+
+    n, h, t = args.ft_samples, args.ft_held_out, args.ft_seq_len
+    path = Path(args.ft_sequences) if args.ft_sequences else None
+    if path is not None and path.is_file():
+        got = load_file(str(path))
+        if got["train"].shape == (n, t) and got["held_out"].shape == (h, t):
+            return got["train"], got["held_out"], 0.0
+    t0 = time.perf_counter()
+    seqs = sample_sequences(base, n + h, t, seed=args.seed, batch=32)
+    secs = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"train": seqs[:n].contiguous(), "held_out": seqs[n:].contiguous()}, str(path))
+    return seqs[:n], seqs[n:], secs
+
+
+def routed_row(model, plan, tok, text: str, args, variant: str, density: float) -> dict:
+    """Perplexity with the plan's routing, the fraction of experts run on the evaluation text and
+    the MLP bytes per token that makes."""
+    from actsparse.train.moefy import routed
+
+    masks: dict[str, list[torch.Tensor]] = {}
+    with routed(model, plan, record=masks):
+        p, ntok, ev_s = perplexity(model, tok, text, args)
+    per_layer = [float(torch.cat(v).float().mean()) for v in masks.values()]
+    run = statistics.mean(per_layer)
+    row = {"variant": variant, "experts": args.experts, "target_density": density, "density": round(run, 4),
+           "density_min_layer": round(min(per_layer), 4), "density_max_layer": round(max(per_layer), 4),
+           "mlp_bytes_fraction": round(run + router_bytes_fraction(plan), 4), "ppl": round(p, 3),
+           "ppl_tokens": ntok, "eval_seconds": round(ev_s, 1)}
+    log(f"{variant} d={density}: ppl {row['ppl']}, density {row['density']}, bytes {row['mlp_bytes_fraction']}")
+    return row
+
+
+def finetune_rows(base, tok, calib: str, text: str, args, save) -> list[dict]:
+    """The conversion before fine-tuning, then each ``--finetune`` recipe, at every density."""
+    from actsparse.calibration.data import token_batches
+    from actsparse.train.moe_finetune import MoeFinetuneConfig, finetune_moe, recalibrate, save_finetuned
+
+    model, plan0, _ = converted(base, tok, calib, args)
+    batches, _ = token_batches(calib, tok, token_budget=args.calib_tokens, batch_size=1,
+                               seq_len=min(512, args.calib_tokens), seed=args.seed)
+    calib_ids = torch.cat(batches)
+    train, held, sample_s = teacher_sequences(base, args)
+    d0 = args.densities[0]
+    rows = [routed_row(model, plan0, tok, text, args, "original -> MoE, no fine-tune (moefy thresholds)",
+                       float(plan0.info["density"]))]
+    rows[-1]["recipe"] = "none"
+    save(rows)
+    for d in args.densities:
+        rows.append(routed_row(model, recalibrate(model, plan0, calib_ids, d), tok, text, args,
+                               "original -> MoE, no fine-tune (recalibrated)", d))
+        rows[-1]["recipe"] = "none"
+        save(rows)
+    for recipe in args.finetune:
+        cfg = MoeFinetuneConfig(train=recipe, steps=args.ft_steps, batch_size=args.ft_batch, seq_len=args.ft_seq_len,
+                                samples=args.ft_samples, held_out=args.ft_held_out, density=d0,
+                                router_lr=args.ft_router_lr, lr=args.ft_lr, rank=args.ft_rank, tau=args.ft_tau,
+                                seed=args.seed, max_seconds=60.0 * args.ft_max_minutes)
+        m = copy.deepcopy(model)
+        plan, res = finetune_moe(m, plan0, base, cfg, sequences=train, held_out=held, calibration=calib_ids,
+                                 progress=True)
+        if args.ft_save:
+            save_finetuned(m, plan, Path(args.ft_save) / f"{args.model}-e{args.experts}-{recipe}.plan.json")
+        train_info = {"recipe": recipe, "train_tokens": res.tokens, "train_steps": res.steps,
+                      "train_minutes": round(res.seconds / 60, 2), "sample_minutes": round(sample_s / 60, 2),
+                      "recalibration_seconds": round(res.recalibration_seconds, 1),
+                      "held_out_kl_before": round(res.held_out_kl_before, 4),
+                      "held_out_kl_after": round(res.held_out_kl_after, 4),
+                      "train_kl_first10": round(statistics.mean(res.kl[:10]), 4),
+                      "train_kl_last10": round(statistics.mean(res.kl[-10:]), 4),
+                      "trained_at_density": d0, "config": res.config}
+        for d in args.densities:
+            p = plan if d == d0 else recalibrate(m, plan, calib_ids, d)
+            rows.append({**routed_row(m, p, tok, text, args, f"original -> MoE, fine-tuned ({recipe})", d),
+                         **train_info})
+            save(rows)
+        del m
+    return rows
+
+
 def cats_rows(base, tok, calib: str, text: str, args) -> list[dict]:
     """CATS calibrated here at the activation sparsity whose MLP bytes equal each density's."""
     import actsparse
@@ -233,7 +372,18 @@ def main(argv=None) -> int:
                         "ppl_tokens": ntok, "eval_seconds": round(ev_s, 1)})
     out["rows"] += reference_rows(args.model)
     save()
-    if not args.no_original:
+    if args.finetune:
+        out["experts_fine_tuned"] = any(r in ("lora", "both") for r in args.finetune)
+        out["sequences"] = {"source": "sampled from the dense model (temperature 1, seeded)",
+                            "train": args.ft_samples, "held_out": args.ft_held_out, "length": args.ft_seq_len}
+        done = list(out["rows"])
+
+        def save_ft(rows):
+            out["rows"] = done + rows
+            save()
+
+        save_ft(finetune_rows(base, tok, calib, text, args, save_ft))
+    elif not args.no_original:
         out["rows"] += moe_rows(base, "original", tok, calib, text, prompt, args)
         save()
     if args.cats:

@@ -20,7 +20,8 @@ Steps, all on calibration text (the MLP inputs of the dense model, hooks, no gra
 4. Threshold: per layer, the ``1 - density`` quantile of the router's predictions on the
    calibration tokens, so that on them the mean fraction of experts run is ``density``.
 
-The experts themselves are not fine-tuned. The model is changed in place (permuted); the plan
+The experts themselves are not fine-tuned here (``actsparse.train.moe_finetune`` fine-tunes
+routers and experts afterwards, by self-distillation). The model is changed in place (permuted); the plan
 (rule ``experts``) holds the routers and the permutations, and ``permute(model, plan)`` makes
 the same expert layout from a fresh copy of the original weights.
 """
