@@ -157,41 +157,24 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
     teacher.eval().requires_grad_(False)  # frozen: it only gives the targets
     student.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, min(cfg.steps // 10, 20))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(sequences), generator=gen)
+    sched = warmup_schedule(opt, cfg.steps)
     downs = _DownInputs(student) if cfg.l1 > 0 else None
     bar = _bar(cfg.steps) if progress is True else None
-    pos = 0
     t1 = time.perf_counter()
     try:
-        for step in range(cfg.steps):
-            if pos + cfg.batch_size > len(order):
-                order, pos = torch.randperm(len(sequences), generator=gen), 0
-            ids = sequences[order[pos:pos + cfg.batch_size]]
-            pos += cfg.batch_size
+        for step, ids in enumerate(shuffled_batches(sequences, cfg.batch_size, cfg.steps, cfg.seed)):
             with torch.no_grad():
                 t_logits = teacher(ids).logits
             s_logits = student(ids).logits
             kl = kl_teacher_student(t_logits, s_logits)
             reg = downs.l1() if downs is not None else torch.zeros(())
             loss = kl + cfg.l1 * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, params, cfg.grad_clip)
             res.loss.append(float(loss.detach()))
             res.kl.append(float(kl.detach()))
             res.l1.append(float(reg.detach()))
             res.tokens += ids.numel()
-            values = {"kl": res.kl[-1], "l1": res.l1[-1]}
-            if bar is not None:
-                bar.set_postfix(values)
-                bar.update(1)
-            elif callable(progress):
-                progress(step, values)
+            report_step(bar, progress, step, {"kl": res.kl[-1], "l1": res.l1[-1]})
             if cfg.max_seconds and time.perf_counter() - t1 > cfg.max_seconds:
                 break
     finally:
@@ -202,6 +185,41 @@ def distill(student: nn.Module, teacher: nn.Module, config: DistillConfig | None
         student.eval()
     res.seconds = time.perf_counter() - t1
     return res
+
+
+def warmup_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over a tenth of the steps (at most 20), then the optimizer's rate."""
+    warmup = max(1, min(steps // 10, 20))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
+def shuffled_batches(sequences: torch.Tensor, batch_size: int, steps: int, seed: int):
+    """``steps`` batches of ``batch_size`` sequences, reshuffled (seeded) each time they run out."""
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(len(sequences), generator=gen), 0
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(sequences), generator=gen), 0
+        yield sequences[order[pos:pos + batch_size]]
+        pos += batch_size
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, params, grad_clip: float) -> None:
+    """Backward, clip the gradients' norm, step the optimizer and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
+def report_step(bar, progress, step: int, values: dict[str, float]) -> None:
+    """Show a step's figures on the progress bar, or pass them to a ``progress`` callback."""
+    if bar is not None:
+        bar.set_postfix(values)
+        bar.update(1)
+    elif callable(progress):
+        progress(step, values)
 
 
 def _bar(total: int):

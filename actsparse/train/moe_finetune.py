@@ -47,9 +47,10 @@ from torch import nn
 from ..ops.reference import expert_scores
 from ..plan import SparsityPlan
 from ..plan.rules.experts import Experts
-from .distill import kl_teacher_student, sample_sequences
+from .distill import (kl_teacher_student, optimizer_step, report_step, sample_sequences, shuffled_batches,
+                      warmup_schedule)
 from .lora import add_lora, load_adapters, lora_modules, lora_parameters, merge_lora, save_adapters
-from .moefy import calibrate_threshold, permute
+from .moefy import calibrate_threshold, patched_mlps, permute
 
 RECIPES = ("router", "lora", "both")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -172,23 +173,17 @@ class _Routing:
 def _routed_training(model: nn.Module, routing: _Routing) -> Iterator[nn.Module]:
     """Each expert MLP computes ``down(mask_neurons * act(gate x) * up x)`` through its modules
     (so LoRA parametrizations apply), all experts computed, the unselected ones zeroed."""
-    patched = []
-    try:
-        for name, sp in routing.specs.items():
-            mod = model.get_submodule(name.rsplit(".", 1)[0])
-            block = sp["neurons"] // sp["experts"]
+    def make(name, sp, mod):
+        block = sp["neurons"] // sp["experts"]
 
-            def forward(x, mod=mod, name=name, block=block):
-                m = routing.mask(name, x).repeat_interleave(block, dim=-1)
-                h = mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x)
-                return mod.down_proj(h * m.to(h.dtype))
+        def forward(x):
+            m = routing.mask(name, x).repeat_interleave(block, dim=-1)
+            h = mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x)
+            return mod.down_proj(h * m.to(h.dtype))
+        return forward
 
-            mod.forward = forward
-            patched.append(mod)
+    with patched_mlps(model, routing.specs, make):
         yield model
-    finally:
-        for mod in patched:
-            del mod.forward
 
 
 def _plan_with(plan: SparsityPlan, routing: _Routing, thresholds: dict[str, float], density: float,
@@ -323,38 +318,22 @@ def finetune_moe(model: nn.Module, plan: SparsityPlan, teacher: nn.Module | None
         groups.append({"params": lora_parameters(model), "lr": cfg.lr})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups)
-    warmup = max(1, min(cfg.steps // 10, 20))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(train_seqs), generator=gen), 0
+    sched = warmup_schedule(opt, cfg.steps)
     bar = _bar(cfg.steps) if progress is True else None
     routing.quantile = True
     t1 = time.perf_counter()
     try:
-        for step in range(cfg.steps):
-            if pos + cfg.batch_size > len(order):
-                order, pos = torch.randperm(len(train_seqs), generator=gen), 0
-            ids = train_seqs[order[pos:pos + cfg.batch_size]]
-            pos += cfg.batch_size
+        for step, ids in enumerate(shuffled_batches(train_seqs, cfg.batch_size, cfg.steps, cfg.seed)):
             with torch.no_grad():
                 t_logits = dense_teacher(ids).logits
             model.train()
             with _routed_training(model, routing):
                 kl = kl_teacher_student(t_logits, model(ids).logits)
-            opt.zero_grad(set_to_none=True)
-            kl.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(kl, opt, sched, params, cfg.grad_clip)
             res.kl.append(float(kl.detach()))
             res.tokens += ids.numel()
             res.steps += 1
-            values = {"kl": res.kl[-1]}
-            if bar is not None:
-                bar.set_postfix(values)
-                bar.update(1)
-            elif callable(progress):
-                progress(step, values)
+            report_step(bar, progress, step, {"kl": res.kl[-1]})
             if cfg.max_seconds and time.perf_counter() - t1 > cfg.max_seconds:
                 break
     finally:

@@ -367,21 +367,31 @@ def routed(model: nn.Module, plan: SparsityPlan, record: dict[str, list[torch.Te
     rule = plan.rule(Experts)
     if rule is None or rule.is_empty():
         raise ValueError("routed: the plan has no experts rule")
+    def make(name, sp, mod):
+        dev = mod.gate_proj.weight.device
+        r = [t.to(dev) for t in rule.router(name)]
+
+        def forward(x):
+            mask = expert_mask(x, r, sp["threshold"])
+            if record is not None:
+                record.setdefault(name, []).append(mask.reshape(-1, mask.shape[-1]).cpu())
+            return expert_mlp_reference(x, mask, mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight,
+                                        mod.gate_proj.bias, mod.up_proj.bias, mod.down_proj.bias, sp["act"])
+        return forward
+
+    with patched_mlps(model, rule.specs, make):
+        yield model
+
+
+@contextmanager
+def patched_mlps(model: nn.Module, specs: dict[str, dict], make) -> Iterator[nn.Module]:
+    """Replace the forward of the MLP that owns each down projection named in ``specs`` by
+    ``make(name, spec, mlp)`` for as long as the context lasts."""
     patched = []
     try:
-        for name, sp in rule.specs.items():
+        for name, sp in specs.items():
             mod = model.get_submodule(name.rsplit(".", 1)[0])
-            dev = mod.gate_proj.weight.device
-            r = [t.to(dev) for t in rule.router(name)]
-
-            def forward(x, mod=mod, r=r, sp=sp, name=name):
-                mask = expert_mask(x, r, sp["threshold"])
-                if record is not None:
-                    record.setdefault(name, []).append(mask.reshape(-1, mask.shape[-1]).cpu())
-                return expert_mlp_reference(x, mask, mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight,
-                                            mod.gate_proj.bias, mod.up_proj.bias, mod.down_proj.bias, sp["act"])
-
-            mod.forward = forward
+            mod.forward = make(name, sp, mod)
             patched.append(mod)
         yield model
     finally:
