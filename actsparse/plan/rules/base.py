@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checks import PlanError, expect_mapping, short_list
+
 #: The site roles a rule may name (see ``actsparse.passes.find_sites``).
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
 
@@ -87,6 +89,57 @@ class PerModuleRule(Rule):
 
     def is_empty(self) -> bool:
         return not self.specs
+
+    # -- tensors in the sidecar: every spec's tensors at the shapes ``tensor_shapes`` gives, no more
+    #: The attribute holding the tensors by key, and the words messages use for them.
+    tensor_attr: ClassVar[str] = "weights"
+    tensor_label: ClassVar[str] = "rule tensors"
+    tensor_owner: ClassVar[str] = "module"
+
+    def tensor_shapes(self, name: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+        """The tensors one module's spec needs, by key (none unless a kind says otherwise)."""
+        return {}
+
+    def check_spec_tensors(self, name: str, spec: dict[str, Any]) -> None:
+        """A kind's further checks of one module's tensors once their shapes are right."""
+
+    def typed_tensors(self, value: Any) -> dict[str, torch.Tensor]:
+        """``value`` as a dict of string keys to tensors, or PlanError."""
+        value = expect_mapping(value, self.tensor_label)
+        bad = [k for k, t in value.items() if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise PlanError(f"{self.tensor_label} must be torch.Tensors, got {type(value[bad[0]]).__name__} "
+                            f"for {short_list(bad)}")
+        return dict(value)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        self.check_tensors()
+        held = getattr(self, self.tensor_attr)
+        return {k: held[k] for k in sorted(held)}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        setattr(self, self.tensor_attr, self.typed_tensors(tensors))
+        self.check_tensors()
+
+    def check_tensors(self) -> None:
+        """Raise PlanError unless every module has its tensors, of the shapes its spec implies, and
+        every tensor belongs to a module (a sidecar of another plan is not silently carried)."""
+        held = getattr(self, self.tensor_attr)
+        wanted = set()
+        for name, sp in self.specs.items():
+            for key, shape in self.tensor_shapes(name, sp).items():
+                wanted.add(key)
+                t = held.get(key)
+                if not isinstance(t, torch.Tensor):
+                    raise PlanError(f"{self.kind}[{name!r}] has no tensor {key!r} (was the plan's "
+                                    "safetensors file saved with it?)")
+                if list(t.shape) != shape:
+                    raise PlanError(f"{self.kind}[{name!r}]: tensor {key!r} must have shape {shape}, "
+                                    f"got {list(t.shape)}")
+            self.check_spec_tensors(name, sp)
+        extra = sorted(set(held) - wanted)
+        if extra:
+            raise PlanError(f"{self.kind}: tensors {short_list(extra)} belong to no {self.tensor_owner} of the plan")
 
 
 RULE_KINDS: dict[str, type[Rule]] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, short_list, show
+from ..checks import PlanError, expect_int, expect_mapping, expect_number, expect_str, show
 from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("gate", "up", "act", "experts", "in_features", "neurons", "router", "hidden", "threshold", "density")
@@ -75,14 +75,12 @@ class Experts(PerModuleRule):
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    tensor_label = "experts tensors"
+    tensor_owner = "MLP"
+
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "experts").items()}
-        weights = expect_mapping(self.weights, "experts tensors")
-        bad = [k for k, t in weights.items() if not isinstance(t, torch.Tensor)]
-        if bad:
-            raise PlanError(f"experts tensors must be torch.Tensors, got {type(weights[bad[0]]).__name__} "
-                            f"for {short_list(bad)}")
-        self.weights = dict(weights)
+        self.weights = self.typed_tensors(self.weights)
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # the down projection: an expert's columns become contiguous rows
@@ -95,36 +93,20 @@ class Experts(PerModuleRule):
     def perm(self, name: str) -> torch.Tensor:
         return self.weights[f"{name}.perm"]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        self.check_tensors()
-        return {k: self.weights[k] for k in sorted(self.weights)}
+    def tensor_shapes(self, name: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+        return tensor_shapes(name, spec)
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         # the sidecar stores fp32 (exact for integers below 2**24): permutations come back as int64
-        self.weights = {k: t.long() if k.endswith(".perm") and isinstance(t, torch.Tensor) and
-                        torch.equal(t, t.round()) else t for k, t in expect_mapping(tensors, "experts tensors").items()}
-        self.check_tensors()
+        super().load_tensors({k: t.long() if k.endswith(".perm") and isinstance(t, torch.Tensor) and
+                              torch.equal(t, t.round()) else t
+                              for k, t in expect_mapping(tensors, self.tensor_label).items()})
 
-    def check_tensors(self) -> None:
-        """Raise PlanError unless every MLP has its tensors, of the right shapes, a true permutation,
-        and no tensor belongs to no MLP."""
-        wanted = set()
-        for name, sp in self.specs.items():
-            for key, shape in tensor_shapes(name, sp).items():
-                wanted.add(key)
-                t = self.weights.get(key)
-                if not isinstance(t, torch.Tensor):
-                    raise PlanError(f"experts[{name!r}] has no tensor {key!r} (was the plan's safetensors file "
-                                    "saved with it?)")
-                if list(t.shape) != shape:
-                    raise PlanError(f"experts[{name!r}]: tensor {key!r} must have shape {shape}, got {list(t.shape)}")
-            p = self.weights[f"{name}.perm"]
-            if p.dtype != torch.int64 or not torch.equal(p.sort().values, torch.arange(p.numel())):
-                raise PlanError(f"experts[{name!r}]: tensor '{name}.perm' must be a permutation of "
-                                f"0..{p.numel() - 1} (int64)")
-        extra = sorted(set(self.weights) - wanted)
-        if extra:
-            raise PlanError(f"experts: tensors {short_list(extra)} belong to no MLP of the plan")
+    def check_spec_tensors(self, name: str, spec: dict[str, Any]) -> None:
+        p = self.weights[f"{name}.perm"]
+        if p.dtype != torch.int64 or not torch.equal(p.sort().values, torch.arange(p.numel())):
+            raise PlanError(f"experts[{name!r}]: tensor '{name}.perm' must be a permutation of "
+                            f"0..{p.numel() - 1} (int64)")
 
     def check(self, shapes: Mapping[str, list[int]]) -> None:
         self.check_tensors()

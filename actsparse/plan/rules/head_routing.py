@@ -57,8 +57,12 @@ class HeadRouting(PerModuleRule):
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    tensor_label = "head router tensors"
+    tensor_owner = "head router"
+
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "heads").items()}
+        self.weights = self.typed_tensors(self.weights)
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # o_proj: its input is zero on whole unselected heads
@@ -67,23 +71,8 @@ class HeadRouting(PerModuleRule):
         sp = self.specs[name]
         return sp["keep"] / sp["units"]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        self.check_tensors()
-        return {k: self.weights[k] for k in sorted(self.weights)}
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.weights = dict(tensors)
-        self.check_tensors()
-
-    def check_tensors(self) -> None:
-        for name, sp in self.specs.items():
-            for key, shape in ((f"{name}.w", [sp["units"], sp["in_features"]]), (f"{name}.b", [sp["units"]])):
-                t = self.weights.get(key)
-                if t is None:
-                    raise PlanError(f"head router for {name!r} has no tensor {key!r} (was the plan's "
-                                    "safetensors file saved with it?)")
-                if list(t.shape) != shape:
-                    raise PlanError(f"head router tensor {key!r} has shape {list(t.shape)}, expected {shape}")
+    def tensor_shapes(self, name: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+        return {f"{name}.w": [spec["units"], spec["in_features"]], f"{name}.b": [spec["units"]]}
 
     def check(self, shapes: Mapping[str, list[int]]) -> None:
         self.check_tensors()

@@ -40,16 +40,6 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     return spec
 
 
-def check_weights(weights: Any) -> dict[str, torch.Tensor]:
-    """The predictor tensors, by key: a mapping of string keys to tensors."""
-    weights = expect_mapping(weights, "predictor tensors")
-    bad = [k for k, t in weights.items() if not isinstance(t, torch.Tensor)]
-    if bad:
-        raise PlanError(f"predictor tensors must be torch.Tensors, got {type(weights[bad[0]]).__name__} "
-                        f"for {short_list(bad)}")
-    return dict(weights)
-
-
 @register_rule
 @dataclass
 class Predictors(PerModuleRule):
@@ -60,44 +50,19 @@ class Predictors(PerModuleRule):
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    tensor_label = "predictor tensors"
+    tensor_owner = "predictor"
+
     def __post_init__(self) -> None:
         self.specs = {n: check_spec(n, s) for n, s in expect_mapping(self.specs, "predictors").items()}
-        self.weights = check_weights(self.weights)
+        self.weights = self.typed_tensors(self.weights)
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)  # the down projection; gate and up stay row-major (output-sparse)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        self.check_tensors()
-        return {k: self.weights[k] for k in sorted(self.weights)}
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.weights = check_weights(tensors)
-        self.check_tensors()
-
-    def check_tensors(self) -> None:
-        """Raise PlanError unless every predictor has its tensors, of shapes that fit its spec, and
-        every tensor belongs to a predictor (a sidecar of another plan is not silently carried)."""
-        wanted = set()
-        for name, sp in self.specs.items():
-            d, n, r = sp["in_features"], sp["neurons"], sp["rank"]
-            want = {f"{name}.w1": [r, d], f"{name}.w2": [n, r], f"{name}.b2": [n]}
-            wanted |= set(want)
-            for key, shape in want.items():
-                t = self.weights.get(key)
-                if t is None:
-                    raise PlanError(f"predictors[{name!r}] has no tensor {key!r} (was the plan's "
-                                    "safetensors file saved with it?)")
-                if not isinstance(t, torch.Tensor):
-                    raise PlanError(f"predictors[{name!r}]: tensor {key!r} must be a torch.Tensor, "
-                                    f"got {type(t).__name__}")
-                if list(t.shape) != shape:
-                    raise PlanError(f"predictors[{name!r}]: tensor {key!r} must have shape {shape}, "
-                                    f"got {list(t.shape)}")
-        extra = sorted(set(self.weights) - wanted)
-        if extra:
-            raise PlanError(f"predictors: tensors {short_list(extra)} belong to no predictor of the plan "
-                            f"(predictors of {short_list(sorted(self.specs)) or 'no module'})")
+    def tensor_shapes(self, name: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+        d, n, r = spec["in_features"], spec["neurons"], spec["rank"]
+        return {f"{name}.w1": [r, d], f"{name}.w2": [n, r], f"{name}.b2": [n]}
 
     def check(self, shapes: Mapping[str, list[int]]) -> None:
         self.check_tensors()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..checks import PlanError, expect_int, expect_mapping, expect_number, short_list, show
+from ..checks import PlanError, expect_int, expect_mapping, expect_number, show
 from .base import PerModuleRule, register_rule
 
 SPEC_KEYS = ("threshold", "sparsity", "rank", "in_features", "out_features")
@@ -46,6 +46,9 @@ def check_entry(name: str, spec: Any) -> dict[str, Any]:
 @dataclass
 class LowRankSparse(PerModuleRule):
     kind = "rsparse"
+    tensor_attr = "factors"
+    tensor_label = "rsparse tensors"
+    tensor_owner = "linear of positive rank"
     fields = ("rsparse",)
     has_tensors = True
 
@@ -54,18 +57,10 @@ class LowRankSparse(PerModuleRule):
 
     def __post_init__(self) -> None:
         self.specs = {n: check_entry(n, s) for n, s in expect_mapping(self.specs, "rsparse").items()}
-        self.factors = _tensors(self.factors)
+        self.factors = self.typed_tensors(self.factors)
 
     def input_major_modules(self, linears: list[str]) -> set[str]:
         return set(self.specs)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        self.check_tensors()
-        return {k: self.factors[k] for k in sorted(self.factors)}
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.factors = _tensors(tensors)
-        self.check_tensors()
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A [out, r], B [r, in]) of a linear, or None at rank 0."""
@@ -73,24 +68,9 @@ class LowRankSparse(PerModuleRule):
             return None
         return self.factors[f"{name}.a"], self.factors[f"{name}.b"]
 
-    def check_tensors(self) -> None:
-        """Every linear of positive rank has its two factors, of its shapes; no tensor is left over."""
-        wanted = set()
-        for name, sp in self.specs.items():
-            r, k, n = sp["rank"], sp["in_features"], sp["out_features"]
-            if r == 0:
-                continue
-            for key, shape in ((f"{name}.a", [n, r]), (f"{name}.b", [r, k])):
-                wanted.add(key)
-                t = self.factors.get(key)
-                if t is None:
-                    raise PlanError(f"rsparse[{name!r}] has no tensor {key!r} (was the plan's safetensors "
-                                    "file saved with it?)")
-                if list(t.shape) != shape:
-                    raise PlanError(f"rsparse[{name!r}]: tensor {key!r} must have shape {shape}, got {list(t.shape)}")
-        extra = sorted(set(self.factors) - wanted)
-        if extra:
-            raise PlanError(f"rsparse: tensors {short_list(extra)} belong to no linear of positive rank")
+    def tensor_shapes(self, name: str, spec: dict[str, Any]) -> dict[str, list[int]]:
+        r, k, n = spec["rank"], spec["in_features"], spec["out_features"]
+        return {} if r == 0 else {f"{name}.a": [n, r], f"{name}.b": [r, k]}
 
     def check(self, shapes: Mapping[str, list[int]]) -> None:
         self.check_tensors()
@@ -111,10 +91,3 @@ class LowRankSparse(PerModuleRule):
         return f"{len(self.specs)} sparse + low-rank linears ({ranked} with rank > 0)"
 
 
-def _tensors(value: Any) -> dict[str, torch.Tensor]:
-    value = expect_mapping(value, "rsparse tensors")
-    bad = [k for k, t in value.items() if not isinstance(t, torch.Tensor)]
-    if bad:
-        raise PlanError(f"rsparse tensors must be torch.Tensors, got {type(value[bad[0]]).__name__} for "
-                        f"{short_list(bad)}")
-    return dict(value)
