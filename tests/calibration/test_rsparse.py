@@ -7,7 +7,6 @@ import itertools
 import pytest
 import torch
 
-import actsparse
 from actsparse.calibration import CalibrationError, Calibrator
 from actsparse.calibration import LogHistogram
 from actsparse.calibration.rsparse import exchange, option_errors, spectrum
@@ -15,7 +14,7 @@ from actsparse.calibration.sites import SiteRecord
 from actsparse.models import tiny
 from actsparse.plan import SparsityPlan
 from actsparse.plan.rules.rsparse import LowRankSparse
-from tests.masking import prefill_decode
+from tests.masking import compiled_prefill_decode, token_inputs
 
 
 def test_option_errors_match_the_direct_computation():
@@ -75,12 +74,8 @@ def test_plan_meets_the_effective_target_counting_lowrank_bytes(llama_cal, targe
 def test_calibrated_plan_compiles_and_its_options_are_checked(llama_cal):
     model, cal = llama_cal
     plan = cal.plan("rsparse", 0.5, tokens=256)
-    g = torch.Generator().manual_seed(3)
-    ids, dec = torch.randint(3, 128, (1, 5), generator=g), torch.randint(3, 128, (1, 1), generator=g)
-    torch._dynamo.reset()
-    got = prefill_decode(torch.compile(model.forward, backend=actsparse.backend(plan, compiler="eager")),
-                         model, ids, dec)
-    torch._dynamo.reset()
+    ids, dec = token_inputs(1, 5, 1, seed=3, low=3)
+    got = compiled_prefill_decode(model, plan, ids, dec)
     assert all(torch.isfinite(x).all() for x in got)
     with pytest.raises(CalibrationError, match="tokens"):
         cal.plan("rsparse", 0.5, tokens=0)

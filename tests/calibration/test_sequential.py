@@ -10,7 +10,7 @@ from actsparse.calibration import Calibrator
 from actsparse.calibration.sequential import calibration_batch, exact_quantile
 from actsparse.calibration.sites import groups
 from actsparse.models import tiny
-from tests.masking import masked, prefill_decode
+from tests.masking import compiled_prefill_decode, masked, prefill_decode, token_inputs
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,8 @@ def test_first_input_matches_teal_and_later_ones_move(llama_cal):
 def test_teal_seq_plan_lowers_to_the_hook_reference(llama_cal, tmp_path):
     model, cal = llama_cal
     plan = actsparse.SparsityPlan.load(cal.plan("teal-seq", 0.5).save(tmp_path / "p.json"), model=model)
-    g = torch.Generator().manual_seed(3)
-    ids, dec = torch.randint(3, 128, (2, 7), generator=g), torch.randint(3, 128, (2, 1), generator=g)
-    torch._dynamo.reset()
-    got = prefill_decode(torch.compile(model.forward, backend=actsparse.backend(plan, compiler="eager")),
-                         model, ids, dec)
-    torch._dynamo.reset()
+    ids, dec = token_inputs(2, 7, 1, seed=3, low=3)
+    got = compiled_prefill_decode(model, plan, ids, dec)
     with masked(model, plan):
         ref = prefill_decode(model.forward, model, ids, dec)
     for x, y in zip(got, ref):

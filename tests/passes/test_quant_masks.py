@@ -10,38 +10,14 @@ import torch
 import actsparse
 from actsparse.models import tiny
 from actsparse.plan import PlanError
-from tests.masking import linear_names, masked, prefill_decode
+from tests.masking import (CountingBackend, assert_close_outputs, assert_matches_masked, linear_names, masked,
+                           prefill_decode, token_inputs)
 
 QSL = torch.ops.actsparse.quant_sparse_linear.default
 
 
 def _model(arch="llama", **kw):
     return tiny(arch, intermediate_size=96, **kw)
-
-
-def _inputs(batch, seq, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 128, (batch, seq), generator=g), torch.randint(1, 128, (batch, steps), generator=g)
-
-
-def _close(a, b, tol=2e-4):
-    for x, y in zip(a, b):
-        err = (x - y).abs().max().item()
-        scale = y.abs().max().item() + 1e-6
-        assert err <= tol * scale + 1e-5, f"max abs err {err} (scale {scale})"
-
-
-class Counting:
-    """The sparse backend, counting the quantized sparse calls in the graphs it hands on."""
-
-    def __init__(self, plan, compiler):
-        self.be = actsparse.backend(plan, compiler=compiler)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        compiled = self.be(gm, example_inputs)
-        self.calls += sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == QSL)
-        return compiled
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
@@ -52,13 +28,9 @@ def test_compiled_quantized_model_matches_masked_reference(bits, compiler, batch
     names = linear_names(model)
     plan = actsparse.SparsityPlan.from_thresholds(model, {n: 0.3 + 0.01 * i for i, n in enumerate(names)})
     actsparse.quantize(model, bits=bits)  # the plan was made on the float model
-    ids, dec = _inputs(batch, 5, 3)
-    be = Counting(plan, compiler)
-    torch._dynamo.reset()
-    got = prefill_decode(torch.compile(model.forward, backend=be), model, ids, dec)
-    with masked(model, plan):
-        ref = prefill_decode(model.forward, model, ids, dec)
-    _close(got, ref)
+    ids, dec = token_inputs(batch, 5, 3)
+    be = CountingBackend(plan, compiler, QSL)
+    assert_matches_masked(model, plan, be, ids, dec)
     assert be.be.found_rules == set(names)
     # decode graphs (batch rows <= the CPU row limit) take the sparse op at every masked site
     assert be.calls >= len(names)
@@ -69,13 +41,9 @@ def test_statistical_topk_on_quantized_model():
     """Per-token cutoffs (statistical top-k, the no-plan default's rule) on quantized sites."""
     model = actsparse.quantize(_model(), bits=4)
     plan = actsparse.SparsityPlan.statistical(0.4, model)
-    ids, dec = _inputs(1, 4, 2)
-    be = Counting(plan, "eager")
-    torch._dynamo.reset()
-    got = prefill_decode(torch.compile(model.forward, backend=be), model, ids, dec)
-    with masked(model, plan):
-        ref = prefill_decode(model.forward, model, ids, dec)
-    _close(got, ref)
+    ids, dec = token_inputs(1, 4, 2)
+    be = CountingBackend(plan, "eager", QSL)
+    assert_matches_masked(model, plan, be, ids, dec)
     assert be.calls > 0 and any("stat-topk" in s.rule and "int4" in s.rule for s in be.be.sites)
 
 
@@ -106,13 +74,13 @@ def test_calibration_runs_on_quantized_model():
     plan = actsparse.calibrate(model, tokens, "teal", 0.5, token_budget=512, seq_len=32, progress=False)
     assert set(plan.thresholds) == set(linear_names(model))
     plan.validate(_model(num_hidden_layers=1))  # and the plan fits the float model too
-    ids, dec = _inputs(1, 4, 2)
+    ids, dec = token_inputs(1, 4, 2)
     torch._dynamo.reset()
     got = prefill_decode(torch.compile(model.forward, backend=actsparse.backend(plan, compiler="eager")),
                          model, ids, dec)
     with masked(model, plan):
         ref = prefill_decode(model.forward, model, ids, dec)
-    _close(got, ref)
+    assert_close_outputs(got, ref)
 
 
 @pytest.mark.parametrize("kind", ["cats", "wina"])
@@ -125,7 +93,7 @@ def test_rules_needing_float_weights_are_refused(kind):
     else:
         plan = actsparse.SparsityPlan.from_thresholds(model, {n: 0.1 for n in names}, score="wina")
     actsparse.quantize(model, bits=8)
-    ids, _ = _inputs(1, 3, 0)
+    ids, _ = token_inputs(1, 3, 0)
     torch._dynamo.reset()
     fwd = torch.compile(model.forward, backend=actsparse.backend(plan, compiler="eager"))
     with pytest.raises(Exception, match="not supported on quantized linears"):

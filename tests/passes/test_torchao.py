@@ -20,7 +20,8 @@ from actsparse.models import tiny  # noqa: E402
 from actsparse.ops.held_quant_sparse_linear import held_quant_sparse_linear_op  # noqa: E402
 from actsparse.quant import torchao_weights as tw  # noqa: E402
 from actsparse.quant.storage import dequantize_input_major  # noqa: E402
-from tests.masking import linear_names, masked, prefill_decode  # noqa: E402
+from tests.masking import (  # noqa: E402
+    CountingBackend, assert_matches_masked, linear_names, masked, prefill_decode, token_inputs)
 
 CONFIGS = {
     # set_inductor_config=False: torchao would otherwise change Inductor's options for the whole session
@@ -39,31 +40,6 @@ def _quantized(config: str, **kw):
     model = _model(**kw)
     quantize_(model, CONFIGS[config]())
     return model
-
-
-def _inputs(batch, seq, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 128, (batch, seq), generator=g), torch.randint(1, 128, (batch, steps), generator=g)
-
-
-def _close(a, b, tol=2e-4):
-    for x, y in zip(a, b):
-        err = (x - y).abs().max().item()
-        scale = y.abs().max().item() + 1e-6
-        assert err <= tol * scale + 1e-5, f"max abs err {err} (scale {scale})"
-
-
-class Counting:
-    """The sparse backend, counting the held quantized sparse calls in the graphs it hands on."""
-
-    def __init__(self, plan, compiler):
-        self.be = actsparse.backend(plan, compiler=compiler)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        compiled = self.be(gm, example_inputs)
-        self.calls += sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == held_quant_sparse_linear_op)
-        return compiled
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -89,13 +65,9 @@ def test_compiled_torchao_model_matches_masked_reference(config, compiler, batch
     plan = actsparse.SparsityPlan.from_thresholds(float_model, {n: 0.3 + 0.01 * i for i, n in enumerate(names)})
     model = _quantized(config)  # the same weights (tiny's seed), quantized by torchao
     plan.validate(model)  # a plan made on the float model applies
-    ids, dec = _inputs(batch, 5, 3)
-    be = Counting(plan, compiler)
-    torch._dynamo.reset()
-    got = prefill_decode(torch.compile(model.forward, backend=be), model, ids, dec)
-    with masked(model, plan):
-        ref = prefill_decode(model.forward, model, ids, dec)
-    _close(got, ref)
+    ids, dec = token_inputs(batch, 5, 3)
+    be = CountingBackend(plan, compiler, held_quant_sparse_linear_op)
+    assert_matches_masked(model, plan, be, ids, dec)
     assert be.be.found_rules == set(names)
     assert be.calls >= len(names)  # every masked site of the decode graphs runs our kernel
     assert any(s.module == "lm_head" and "native" in s.rule for s in be.be.sites)  # the head, unmasked
@@ -109,7 +81,7 @@ def test_conversion_is_cached_on_the_parameter(monkeypatch):
     seen = []
     real = tw.to_input_major
     monkeypatch.setattr(tw, "to_input_major", lambda w: seen.append(w) or real(w))
-    ids, dec = _inputs(1, 4, 2)
+    ids, dec = token_inputs(1, 4, 2)
     torch._dynamo.reset()
     prefill_decode(torch.compile(model.forward, backend=actsparse.backend(plan, compiler="eager")), model, ids, dec)
     torch._dynamo.reset()  # a new compilation reads the cached storage
