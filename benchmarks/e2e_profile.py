@@ -12,7 +12,8 @@ graphs shrink but do not remove. Kernel counts per token tell how many launches 
     python -m benchmarks.e2e_profile --sparsity 0.5 --out $OUT/e2e_profile_h100.json
 
 Rows: ``{"variant", "batch", "sparsity", "tok_s", "vs_dense", "limit_tok_s", "wall_us",
-"busy_us", "idle_us", "kernels", "by_kind": {kind: {"us", "count"}}}``, per token.
+"busy_us", "idle_us", "kernels", "by_kind": {kind: {"us", "count"}}, "top": [...]}``, per token;
+``top`` lists the kernels that take the most time, by name.
 """
 
 from __future__ import annotations
@@ -62,7 +63,20 @@ def summarize(kernels: Iterable[tuple[str, float]], tokens: int, wall_us_per_tok
         count += 1
     busy /= tokens
     return {"wall_us": wall_us_per_token, "busy_us": busy, "idle_us": wall_us_per_token - busy,
-            "kernels": count / tokens, "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["us"]))}
+            "kernels": count / tokens, "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["us"])),
+            "top": top_kernels(kernels, tokens)}
+
+
+def top_kernels(kernels: Iterable[tuple[str, float]], tokens: int, n: int = 20) -> list[dict]:
+    """The ``n`` kernels (by name) that take the most time per token: what a fusion should target."""
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        t = by_name.setdefault(name, [0.0, 0])
+        t[0] += us
+        t[1] += 1
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"name": name[:120], "kind": kind_of(name), "us": us / tokens, "count": c / tokens,
+             "mean_us": us / c} for name, (us, c) in rows]
 
 
 def profile_step_kernels(model, backend, ids: torch.Tensor, steps: int) -> tuple[list[tuple[str, float]], float]:

@@ -42,3 +42,12 @@ def test_needs_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ep.main(["--out", str(tmp_path / "p.json")])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_top_kernels_by_name():
+    kernels = [("_predicated_kernel", 20.0), ("_finish_kernel", 2.0), ("_predicated_kernel", 10.0)] * 2
+    top = ep.summarize(kernels, tokens=2, wall_us_per_token=40.0)["top"]
+    assert [t["name"] for t in top] == ["_predicated_kernel", "_finish_kernel"]
+    assert top[0]["us"] == pytest.approx(30.0) and top[0]["count"] == pytest.approx(2.0)
+    assert top[0]["mean_us"] == pytest.approx(15.0) and top[0]["kind"] == "sparse"
+    assert len(ep.top_kernels(kernels, tokens=1, n=1)) == 1
