@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_arguments(sub.add_parser("calibrate", help="make a sparsity plan from text"))
 
     from .train.command import add_train_arguments
-    add_train_arguments(sub.add_parser("train", help="relufy a model and fine-tune it by self-distillation"))
+    add_train_arguments(sub.add_parser("train", help="fine-tune by self-distillation: relufied (default) or MoE"))
 
     sites = sub.add_parser("sites", help="print the table of sites the backend finds in a model")
     sites.add_argument("--model", default="smollm2-135m")

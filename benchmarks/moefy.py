@@ -230,23 +230,10 @@ def converted(base, tok, calib: str, args):
 def teacher_sequences(base, args) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(training, held-out) sequences sampled from the dense model, and the seconds it took
     (0 when read back from ``--ft-sequences``)."""
-    from safetensors.torch import load_file, save_file
+    from actsparse.train.sequences import cached_sequences
 
-    from actsparse.train import sample_sequences
-
-    n, h, t = args.ft_samples, args.ft_held_out, args.ft_seq_len
-    path = Path(args.ft_sequences) if args.ft_sequences else None
-    if path is not None and path.is_file():
-        got = load_file(str(path))
-        if got["train"].shape == (n, t) and got["held_out"].shape == (h, t):
-            return got["train"], got["held_out"], 0.0
-    t0 = time.perf_counter()
-    seqs = sample_sequences(base, n + h, t, seed=args.seed, batch=32)
-    secs = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"train": seqs[:n].contiguous(), "held_out": seqs[n:].contiguous()}, str(path))
-    return seqs[:n], seqs[n:], secs
+    return cached_sequences(base, args.ft_samples, args.ft_held_out, args.ft_seq_len, args.ft_sequences,
+                            seed=args.seed)
 
 
 def routed_row(model, plan, tok, text: str, args, variant: str, density: float) -> dict:
