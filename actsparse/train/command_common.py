@@ -25,6 +25,10 @@ def check_common(args) -> str | None:
         return f"--max-minutes must be >= 0, got {args.max_minutes}"
     if not Path(args.out).parent.is_dir():
         return f"directory of --out does not exist: {Path(args.out).parent}"
+    if Path(args.out).is_dir():
+        return f"--out {args.out} is a directory; give a file name"
+    if args.json and not Path(args.json).parent.is_dir():
+        return f"directory of --json does not exist: {Path(args.json).parent}"
     return None
 
 

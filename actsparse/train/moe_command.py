@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                "converted_from": args.plan or "here", "config": res.config, "tokens": res.tokens, "steps": res.steps,
                "train_seconds": round(res.seconds, 1), "sample_seconds": round(sample_s, 1),
                "convert_seconds": round(convert_s, 1), "recalibration_seconds": round(res.recalibration_seconds, 1),
-               "before": {"kl": res.held_out_kl_before},
+               "before": {"kl": res.held_out_kl_before, "density": 1.0 - mean(plan.measured)},
                "after": {"kl": res.held_out_kl_after, "density": mean(res.density), "density_per_mlp": res.density},
                "kl_per_step": res.kl, "plan": str(files["plan"]),
                "adapters": str(files["adapters"]) if "adapters" in files else None, "device": str(args.device)}

@@ -12,6 +12,7 @@ import torch
 import actsparse
 from actsparse.cli import main
 from actsparse.models import tiny
+from actsparse.plan import SparsityPlan
 from actsparse.plan.rules.experts import Experts
 from actsparse.train.moe_finetune import adapters_path, load_finetuned
 from actsparse.train.moefy import routed
@@ -36,13 +37,15 @@ def saved_plan(tmp_path, layers=2):
 
 @pytest.mark.parametrize("recipe", ["router", "both"])
 def test_convert_finetune_save_load_compile(tmp_path, capsys, recipe):
-    assert train(tmp_path, "--experts", "8", "--density", "0.5", "--finetune", recipe) == 0
+    conv = tmp_path / "conv.plan.json"
+    assert train(tmp_path, "--experts", "8", "--density", "0.5", "--finetune", recipe, "--save-plan", str(conv)) == 0
     assert "held-out KL" in capsys.readouterr().out
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["recipe"] == "moe" and s["finetune"] == recipe and s["experts"] == 8 and s["converted_from"] == "here"
     assert s["tokens"] == 4 * 2 * 12 and len(s["kl_per_step"]) == 4 and s["steps"] == 4
     assert s["before"]["kl"] > 0 and s["after"]["kl"] > 0 and len(s["after"]["density_per_mlp"]) == 2
-    assert abs(s["after"]["density"] - 0.5) < 0.1
+    assert abs(s["after"]["density"] - 0.5) < 0.1 and abs(s["before"]["density"] - 0.5) < 0.1
+    assert "finetune" not in SparsityPlan.load(conv, tiny("llama")).info  # the conversion, before training
     assert (s["adapters"] is not None) == (recipe == "both") == adapters_path(s["plan"]).is_file()
     model, plan = load_finetuned(tiny("llama"), s["plan"])
     assert plan.info["finetune"]["train"] == recipe and plan.rule(Experts).specs
@@ -88,6 +91,8 @@ def test_saved_plan_at_another_density_reuses_cached_samples(tmp_path):
     (["--recipe", "moe", "--experts", "8", "--density", "0.5", "--dtype", "int8"], "--dtype must be"),
     (["--recipe", "moe", "--experts", "8", "--density", "0.5", "--max-minutes", "-1"], "--max-minutes must be"),
     (["--recipe", "moe", "--experts", "8", "--density", "0.5", "--model", "nope"], "cannot load model 'nope'"),
+    (["--recipe", "moe", "--experts", "8", "--density", "0.5", "--json", "no/dir/s.json"],
+     "directory of --json does not exist"),
 ])
 def test_user_errors_exit_2(tmp_path, monkeypatch, capsys, argv, msg):
     monkeypatch.chdir(tmp_path)
