@@ -200,6 +200,10 @@ def main(argv=None) -> int:
     p.add_argument("--loop", choices=["generate", "lean", "greedy"], default="generate",
                    help="HF generate with compile_config, a minimal compiled decode loop, or "
                         "actsparse.greedy_decode (the library's loop)")
+    p.add_argument("--gqa", choices=["on", "off", "both"], default="on",
+                   help="the backend's gqa_attention rewrite (SDPA on the cache per KV head, no repeat_kv "
+                        "copies); both: also the sparse rows without it, and a dense row through the "
+                        "backend with an empty plan (the rewrite's own gain)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t_start = time.time()
@@ -244,9 +248,14 @@ def main(argv=None) -> int:
     dense_cfg = CompileConfig(backend="inductor", mode="reduce-overhead", fullgraph=True)
     for batch in args.batches:
         ids = torch.randint(0, 128000, (batch, 32), device="cuda", generator=g)
-        variants = [("dense", None)] + [(f"sparse-{s:.0%}", plans[s]) for s in args.sparsity]
+        gqa_modes = {"on": [True], "off": [False], "both": [True, False]}[args.gqa]
+        variants = [("dense", None, False)]
+        if args.gqa == "both":
+            variants.append(("dense-gqa", actsparse.SparsityPlan(), True))
+        variants += [(f"sparse-{s:.0%}" + ("" if g else "-repeat_kv") * (args.gqa == "both"), plans[s], g)
+                     for s in args.sparsity for g in gqa_modes]
         dense_rate = None
-        for name, plan in variants:
+        for name, plan, gqa in variants:
             if time.time() - t_start > args.budget_s:
                 res.setdefault("skipped", []).append(f"{name} batch {batch}: out of time")
                 continue
@@ -254,11 +263,12 @@ def main(argv=None) -> int:
                 cfg = dense_cfg
             else:
                 actsparse.prepare(model, plan)
-                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True), mode=None, fullgraph=True)
+                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa), mode=None,
+                                    fullgraph=True)
             torch._dynamo.reset()
             t0 = time.time()
             if args.loop in ("lean", "greedy"):
-                be = (actsparse.backend(plan, cudagraphs=True) if plan is not None else
+                be = (actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa) if plan is not None else
                       _dense_backend())
                 rate = lean_decode_rate if args.loop == "lean" else greedy_decode_rate
                 r = {"tokens_per_s": rate(model, be, ids, args.new_tokens, args.repeats)}
@@ -267,8 +277,8 @@ def main(argv=None) -> int:
             r.pop("tokens", None)
             r["loop"] = args.loop
             step_bytes = bytes_per_step(model, plan, batch)
-            r.update(variant=name, batch=batch, seconds=time.time() - t0,
-                     roofline_tokens_per_s=bw / wb * batch, sparsity=plan.target if plan is not None else 0.0,
+            r.update(variant=name, batch=batch, seconds=time.time() - t0, gqa_attention=gqa,
+                     roofline_tokens_per_s=bw / wb * batch, sparsity=plan.target or 0.0 if plan is not None else 0.0,
                      tok_s=r["tokens_per_s"], weight_bytes_per_token=step_bytes / batch,
                      limit_tok_s=limit_tok_s(step_bytes, gemv_bw, batch),
                      limit_copy_tok_s=limit_tok_s(step_bytes, bw, batch))

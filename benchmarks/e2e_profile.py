@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed and profiled run")
+    p.add_argument("--gqa", choices=["on", "off", "both"], default="both",
+                   help="the backend's gqa_attention rewrite; both: each sparse variant with and without it, "
+                        "and the dense model through the backend with an empty plan")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -150,16 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     calib = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda", generator=g)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, 32), device="cuda", generator=g)
     dense_tok_s = None
-    for s in [None, *args.sparsity]:
-        plan = calibrate_on_tokens(model, calib, s) if s is not None else None
-        if plan is not None:
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.gqa]
+    variants: list[tuple[str, float | None, bool]] = [("dense", None, False)]
+    if args.gqa == "both":
+        variants.append(("dense-gqa", 0.0, True))
+    variants += [(f"sparse-{s:.0%}" + ("" if g else "-repeat_kv") * (args.gqa == "both"), s, g)
+                 for s in args.sparsity for g in modes]
+    plans: dict[float, actsparse.SparsityPlan] = {0.0: actsparse.SparsityPlan()}
+    for name, s, gqa in variants:
+        plan = None
+        if s is not None:
+            if s not in plans:
+                plans[s] = calibrate_on_tokens(model, calib, s)
+            plan = plans[s]
             actsparse.prepare(model, plan)
-        backend = actsparse.backend(plan, cudagraphs=True) if plan is not None else _dense_backend()
+        backend = actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa) if plan is not None else _dense_backend()
         kernels, wall = profile_step_kernels(model, backend, ids, args.steps)
         row = summarize(kernels, args.steps * args.batch, wall)
         tok_s = 1e6 / wall
         dense_tok_s = dense_tok_s or tok_s
-        row = {"variant": "dense" if s is None else f"sparse-{s:.0%}", "batch": args.batch,
+        row = {"variant": name, "batch": args.batch, "gqa_attention": gqa,
                "sparsity": s or 0.0, "tok_s": tok_s, "vs_dense": tok_s / dense_tok_s,
                "limit_tok_s": limit_tok_s(bytes_per_step(model, plan, args.batch), gemv_bw, args.batch), **row}
         res["rows"].append(row)

@@ -26,6 +26,8 @@ _SPEC: dict[str, tuple[tuple[type, ...], str]] = {
     "debug": ((bool,), "True to print the table of sites and the rule applied to each"),
     "relayout": ((str,), f"how masked weights become input-major: one of {RELAYOUTS}"),
     "inductor": ((dict,), "extra Inductor config patches, passed to compile_fx"),
+    "gqa_attention": ((bool,), "True (default) to let SDPA read the KV cache per KV head instead of "
+                               "Hugging Face's repeated copies; False keeps the traced attention"),
     "compiler": ((str,), f"what compiles the rewritten graph: one of {COMPILERS} "
                          "('eager' runs it uncompiled: for debugging and fast tests)"),
 }
@@ -44,6 +46,7 @@ class BackendOptions:
     mode: str | None = None
     inductor: dict[str, Any] = field(default_factory=dict)
     compiler: str = "inductor"
+    gqa_attention: bool = True
     plan_was_default: bool = False
 
     @property
@@ -102,7 +105,8 @@ class BackendOptions:
         cudagraphs = bool(options.get("cudagraphs", False)) or mode == "reduce-overhead"
         return cls(plan=plan, cudagraphs=cudagraphs, debug=bool(options.get("debug", False)),
                    relayout=relayout, mode=mode, inductor=inductor,
-                   compiler=compiler, plan_was_default=default)
+                   compiler=compiler, gqa_attention=bool(options.get("gqa_attention", True)),
+                   plan_was_default=default)
 
     def config_patches(self) -> dict[str, Any]:
         """Inductor config for the mode, plus CUDA graphs if asked for in options."""

@@ -18,6 +18,7 @@ class RewriteStats:
     predicted_mlp_calls: int = 0
     expert_mlp_calls: int = 0
     head_attention_calls: int = 0
+    gqa_attention_calls: int = 0
     masked_sites: int = 0
     found_rules: set[str] = field(default_factory=set)
     unresolved: list[str] = field(default_factory=list)  # site names no plan name fits
@@ -38,6 +39,8 @@ class PassContext:
     #: after head routing: its input is zero on whole unselected heads)
     implied_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
     table: str = ""
+    #: point SDPA at the cache per KV head (``gqa_attention``) instead of HF's repeated copies
+    gqa_attention: bool = True
 
     def hint(self, plan_name: str | None) -> float:
         """The calibrated sparsity of a site (measured, else the plan's target, else 0)."""

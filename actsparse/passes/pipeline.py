@@ -3,7 +3,8 @@
 Each pass is ``def pass_(gm, ctx) -> None`` with one job, in its own module; ``PASSES`` is the
 order: bring tensor-parallel (DTensor) linears to their local form, find the sites, check the
 plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads,
-lower dense-to-MoE MLPs to their experts, turn exact (ReLU-family) rules into zero-threshold
+let the remaining SDPA calls read the KV cache per KV head (no ``repeat_kv`` copies), lower
+dense-to-MoE MLPs to their experts, turn exact (ReLU-family) rules into zero-threshold
 masks, rewrite CATS MLPs, add R-Sparse's low-rank term beside its mask, rewrite input masks and
 learned predictors into actsparse ops, send the CPU's unmasked quantized linears to the native
 kernel, note which weights want input-major storage, and render the debug table.
@@ -19,6 +20,7 @@ from .builtin_topk import lower_builtin_topk
 from .check_plan import check_plan
 from .context import PassContext
 from .find_sites import discover_sites, site_table
+from .gqa_attention import gqa_attention
 from .insert_cats import insert_cats
 from .insert_exact import insert_exact
 from .insert_experts import insert_experts
@@ -39,12 +41,13 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.table = site_table(ctx.sites)
 
 
-PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, insert_experts, insert_exact,
+PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, gqa_attention,
+          insert_experts, insert_exact,
           insert_cats, insert_rsparse, insert_masks, insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
 
 
-def run_passes(gm: fx.GraphModule, plan: SparsityPlan) -> PassContext:
-    ctx = PassContext(plan=plan)
+def run_passes(gm: fx.GraphModule, plan: SparsityPlan, gqa_attention: bool = True) -> PassContext:
+    ctx = PassContext(plan=plan, gqa_attention=gqa_attention)
     for p in PASSES:
         p(gm, ctx)
     return ctx
