@@ -176,6 +176,24 @@ def check_correctness(sparsity: float = 0.5, dtype: torch.dtype = torch.float32)
             "ok": rel < 0.25 * rel_dense}
 
 
+#: Rewrites the benchmarks can measure by their absence: name -> (backend option, variant suffix).
+ABLATIONS = {"gqa": ("gqa_attention", "repeat_kv"), "fuse": ("fuse_gated_product", "unfused")}
+
+
+def ablation_variants(sparsities, ablate) -> list[tuple[str, float | None, dict]]:
+    """(variant, sparsity, backend options) in the order a run cut short should keep: dense
+    Inductor (sparsity None), the sparse rows with every rewrite, then each ablation; with
+    "gqa", the backend with an empty plan (sparsity 0: the rewrite's own gain)."""
+    rows: list[tuple[str, float | None, dict]] = [("dense", None, {})]
+    rows += [(f"sparse-{s:.0%}", s, {}) for s in sparsities]
+    if "gqa" in ablate:
+        rows.append(("dense-gqa", 0.0, {}))
+    for a in ablate:
+        opt, suffix = ABLATIONS[a]
+        rows += [(f"sparse-{s:.0%}-{suffix}", s, {opt: False}) for s in sparsities]
+    return rows
+
+
 def _dense_backend():
     """Dense baseline for the lean loop: Inductor with CUDA graphs."""
     from torch._inductor.compile_fx import compile_fx
@@ -200,10 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--loop", choices=["generate", "lean", "greedy"], default="generate",
                    help="HF generate with compile_config, a minimal compiled decode loop, or "
                         "actsparse.greedy_decode (the library's loop)")
-    p.add_argument("--gqa", choices=["on", "off", "both"], default="on",
-                   help="the backend's gqa_attention rewrite (SDPA on the cache per KV head, no repeat_kv "
-                        "copies); both: also the sparse rows without it, and a dense row through the "
-                        "backend with an empty plan (the rewrite's own gain)")
+    p.add_argument("--ablate", nargs="*", choices=list(ABLATIONS), default=[],
+                   help="rewrites to measure by their absence: each sparse row again without it (gqa "
+                        "also adds the dense model through the backend with an empty plan, the "
+                        "rewrite's own gain)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t_start = time.time()
@@ -248,14 +266,10 @@ def main(argv=None) -> int:
     dense_cfg = CompileConfig(backend="inductor", mode="reduce-overhead", fullgraph=True)
     for batch in args.batches:
         ids = torch.randint(0, 128000, (batch, 32), device="cuda", generator=g)
-        gqa_modes = {"on": [True], "off": [False], "both": [True, False]}[args.gqa]
-        variants = [("dense", None, False)]
-        if args.gqa == "both":
-            variants.append(("dense-gqa", actsparse.SparsityPlan(), True))
-        variants += [(f"sparse-{s:.0%}" + ("" if g else "-repeat_kv") * (args.gqa == "both"), plans[s], g)
-                     for s in args.sparsity for g in gqa_modes]
+        variants = [(name, None if sp is None else plans.get(sp, actsparse.SparsityPlan()), opts)
+                    for name, sp, opts in ablation_variants(args.sparsity, args.ablate)]
         dense_rate = None
-        for name, plan, gqa in variants:
+        for name, plan, opts in variants:
             if time.time() - t_start > args.budget_s:
                 res.setdefault("skipped", []).append(f"{name} batch {batch}: out of time")
                 continue
@@ -263,12 +277,12 @@ def main(argv=None) -> int:
                 cfg = dense_cfg
             else:
                 actsparse.prepare(model, plan)
-                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa), mode=None,
+                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True, **opts), mode=None,
                                     fullgraph=True)
             torch._dynamo.reset()
             t0 = time.time()
             if args.loop in ("lean", "greedy"):
-                be = (actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa) if plan is not None else
+                be = (actsparse.backend(plan, cudagraphs=True, **opts) if plan is not None else
                       _dense_backend())
                 rate = lean_decode_rate if args.loop == "lean" else greedy_decode_rate
                 r = {"tokens_per_s": rate(model, be, ids, args.new_tokens, args.repeats)}
@@ -277,7 +291,7 @@ def main(argv=None) -> int:
             r.pop("tokens", None)
             r["loop"] = args.loop
             step_bytes = bytes_per_step(model, plan, batch)
-            r.update(variant=name, batch=batch, seconds=time.time() - t0, gqa_attention=gqa,
+            r.update(variant=name, batch=batch, seconds=time.time() - t0, options=opts,
                      roofline_tokens_per_s=bw / wb * batch, sparsity=plan.target or 0.0 if plan is not None else 0.0,
                      tok_s=r["tokens_per_s"], weight_bytes_per_token=step_bytes / batch,
                      limit_tok_s=limit_tok_s(step_bytes, gemv_bw, batch),

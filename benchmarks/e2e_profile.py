@@ -29,7 +29,7 @@ import torch
 
 #: Kernel kinds, first match wins: our Triton kernels by their function names, then the rest.
 KINDS: tuple[tuple[str, str], ...] = (
-    ("sparse_finish", r"_finish_kernel|_combine_kernel"),
+    ("sparse_finish", r"_finish_\w*kernel|_combine_kernel"),
     ("sparse", r"_predicated_kernel|_sparse_linear_kernel|_quant_gemv_kernel|_gate_up_kernel|_expert_\w+_kernel"
                r"|_split_kernel"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed and profiled run")
-    p.add_argument("--gqa", choices=["on", "off", "both"], default="both",
-                   help="the backend's gqa_attention rewrite; both: each sparse variant with and without it, "
-                        "and the dense model through the backend with an empty plan")
+    p.add_argument("--ablate", nargs="*", choices=["gqa", "fuse"], default=["gqa", "fuse"],
+                   help="rewrites to measure by their absence: each sparse row again without it (gqa "
+                        "also adds the dense model through the backend with an empty plan, the "
+                        "rewrite's own gain)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import actsparse
     from actsparse.models import shaped
-    from benchmarks.e2e import _dense_backend, calibrate_on_tokens
+    from benchmarks.e2e import _dense_backend, ablation_variants, calibrate_on_tokens
     from benchmarks.harness import write_json
     from benchmarks.weight_limit import bytes_per_step, gemv_bandwidth, limit_tok_s
 
@@ -153,26 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     calib = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda", generator=g)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, 32), device="cuda", generator=g)
     dense_tok_s = None
-    modes = {"on": [True], "off": [False], "both": [True, False]}[args.gqa]
-    variants: list[tuple[str, float | None, bool]] = [("dense", None, False)]
-    variants += [(f"sparse-{s:.0%}" + ("" if g else "-repeat_kv") * (args.gqa == "both"), s, g)
-                 for g in modes for s in args.sparsity]
-    if args.gqa == "both":  # the rewrite's own gain, after the rows a short run must not miss
-        variants.insert(1 + len(args.sparsity), ("dense-gqa", 0.0, True))
     plans: dict[float, actsparse.SparsityPlan] = {0.0: actsparse.SparsityPlan()}
-    for name, s, gqa in variants:
+    for name, s, opts in ablation_variants(args.sparsity, args.ablate):
         plan = None
         if s is not None:
             if s not in plans:
                 plans[s] = calibrate_on_tokens(model, calib, s)
             plan = plans[s]
             actsparse.prepare(model, plan)
-        backend = actsparse.backend(plan, cudagraphs=True, gqa_attention=gqa) if plan is not None else _dense_backend()
+        backend = actsparse.backend(plan, cudagraphs=True, **opts) if plan is not None else _dense_backend()
         kernels, wall = profile_step_kernels(model, backend, ids, args.steps)
         row = summarize(kernels, args.steps * args.batch, wall)
         tok_s = 1e6 / wall
         dense_tok_s = dense_tok_s or tok_s
-        row = {"variant": name, "batch": args.batch, "gqa_attention": gqa,
+        row = {"variant": name, "batch": args.batch, "options": opts,
                "sparsity": s or 0.0, "tok_s": tok_s, "vs_dense": tok_s / dense_tok_s,
                "limit_tok_s": limit_tok_s(bytes_per_step(model, plan, args.batch), gemv_bw, args.batch), **row}
         res["rows"].append(row)

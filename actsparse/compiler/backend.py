@@ -53,7 +53,8 @@ class SparseBackend:
         # constants a pass registered are tied to the compiled graph at the end; if anything in
         # between raises, none is returned to hold them, so they are released here
         with ops.constants.released_on_error():
-            result = run_passes(gm, opts.plan, gqa_attention=opts.gqa_attention)
+            result = run_passes(gm, opts.plan, gqa_attention=opts.gqa_attention,
+                                fuse_gated_product=opts.fuse_gated_product)
             self.sites.extend(result.sites)
             self.masked_sites += result.stats.masked_sites
             self.found_rules |= result.stats.found_rules
@@ -181,10 +182,12 @@ def _backend_for(options: BackendOptions) -> SparseBackend:
 def backend(plan: SparsityPlan | str | None = None, *, sparsity: float | None = None,
             cudagraphs: bool = False, debug: bool = False, relayout: str = "lazy",
             mode: str | None = None, inductor: dict[str, Any] | None = None,
-            compiler: str = "inductor", gqa_attention: bool = True) -> SparseBackend:
+            compiler: str = "inductor", gqa_attention: bool = True,
+            fuse_gated_product: bool = True) -> SparseBackend:
     """A backend object for ``torch.compile(model, backend=actsparse.backend(plan, ...))``."""
     options: dict[str, Any] = {"cudagraphs": cudagraphs, "debug": debug, "relayout": relayout,
-                               "compiler": compiler, "gqa_attention": gqa_attention}
+                               "compiler": compiler, "gqa_attention": gqa_attention,
+                               "fuse_gated_product": fuse_gated_product}
     if plan is not None:
         options["plan"] = plan
     if sparsity is not None:

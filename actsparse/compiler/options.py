@@ -28,6 +28,8 @@ _SPEC: dict[str, tuple[tuple[type, ...], str]] = {
     "inductor": ((dict,), "extra Inductor config patches, passed to compile_fx"),
     "gqa_attention": ((bool,), "True (default) to let SDPA read the KV cache per KV head instead of "
                                "Hugging Face's repeated copies; False keeps the traced attention"),
+    "fuse_gated_product": ((bool,), "True (default) to compute a gated MLP's act(gate) * up inside its "
+                                    "masked gate/up call; False leaves the product to Inductor"),
     "compiler": ((str,), f"what compiles the rewritten graph: one of {COMPILERS} "
                          "('eager' runs it uncompiled: for debugging and fast tests)"),
 }
@@ -47,6 +49,7 @@ class BackendOptions:
     inductor: dict[str, Any] = field(default_factory=dict)
     compiler: str = "inductor"
     gqa_attention: bool = True
+    fuse_gated_product: bool = True
     plan_was_default: bool = False
 
     @property
@@ -106,6 +109,7 @@ class BackendOptions:
         return cls(plan=plan, cudagraphs=cudagraphs, debug=bool(options.get("debug", False)),
                    relayout=relayout, mode=mode, inductor=inductor,
                    compiler=compiler, gqa_attention=bool(options.get("gqa_attention", True)),
+                   fuse_gated_product=bool(options.get("fuse_gated_product", True)),
                    plan_was_default=default)
 
     def config_patches(self) -> dict[str, Any]:

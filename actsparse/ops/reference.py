@@ -94,6 +94,16 @@ def sparse_linear_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequen
             for w, b, t in zip(weights, biases, thresholds)]
 
 
+def gated_product_reference(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[float], act: str,
+                            per_token: bool = False) -> Tensor:
+    """A gated MLP's down input ``act(gate x_g) * up x_u`` with input masks ``x_g, x_u`` (each
+    ``x * (|x| > t)``), in fp32 and rounded once to x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    g, u = (_masked_linear(x2, w, None, input_mask(x2, t, per_token)) for w, t in zip(weights, thresholds))
+    return (activation(act, g) * u).to(x.dtype).reshape(*lead, weights[0].shape[0])
+
+
 def gated_mlp_reference(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
                         b_up: Tensor | None, b_down: Tensor | None, act: str, threshold: float,
                         per_token: bool = False) -> Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..ops.sparse_linear import sparse_linear as sparse_linear_op
 from .context import PassContext
-from .find_sites import Site, _activation_of
+from .find_sites import Site, activation_of
 from .graph import erase_orphans, run_dense, static_rows
 
 _MUL = {operator.mul, torch.mul}
@@ -143,7 +143,7 @@ def match(down: Site, by_node: dict[fx.Node, Site]) -> BuiltinTopK | None:
     for a, u in (h.args, h.args[::-1]):
         a, u = _strip_casts(a), _strip_casts(u)
         up = by_node.get(u) if isinstance(u, fx.Node) else None
-        act = _activation_of(a) if isinstance(a, fx.Node) else None
+        act = activation_of(a) if isinstance(a, fx.Node) else None
         if up is None or act is None or not a.args:
             continue
         r = _strip_casts(a.args[0])

@@ -19,6 +19,7 @@ class RewriteStats:
     expert_mlp_calls: int = 0
     head_attention_calls: int = 0
     gqa_attention_calls: int = 0
+    gated_product_calls: int = 0
     masked_sites: int = 0
     found_rules: set[str] = field(default_factory=set)
     unresolved: list[str] = field(default_factory=list)  # site names no plan name fits
@@ -41,6 +42,8 @@ class PassContext:
     table: str = ""
     #: point SDPA at the cache per KV head (``gqa_attention``) instead of HF's repeated copies
     gqa_attention: bool = True
+    #: fold a gated MLP's product into its gate/up call (``fuse_gated_product``)
+    fuse_gated_product: bool = True
 
     def hint(self, plan_name: str | None) -> float:
         """The calibrated sparsity of a site (measured, else the plan's target, else 0)."""

@@ -205,7 +205,7 @@ def _producers(start: fx.Node, linear_nodes: set[fx.Node]) -> set[fx.Node] | Non
     return found
 
 
-def _activation_of(node: fx.Node) -> str | None:
+def activation_of(node: fx.Node) -> str | None:
     """Name of the activation applied by ``node``, if it is one the gated op supports."""
     if node.op == "call_function":
         if node.target is F.silu:
@@ -227,7 +227,7 @@ def _gated_parts(down_in: fx.Node, by_node: dict[fx.Node, Site]) -> tuple[Site, 
     if len(down_in.args) != 2 or not all(isinstance(a, fx.Node) for a in down_in.args):
         return None
     for a, b in (down_in.args, down_in.args[::-1]):
-        act = _activation_of(a)
+        act = activation_of(a)
         if act is None or not isinstance(a.args[0], fx.Node):
             continue
         gate, up = by_node.get(a.args[0]), by_node.get(b)

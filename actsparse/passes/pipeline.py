@@ -5,9 +5,10 @@ order: bring tensor-parallel (DTensor) linears to their local form, find the sit
 plan against the graph's weights, lower built-in top-k MLPs (Gemma 3n), route attention heads,
 let the remaining SDPA calls read the KV cache per KV head (no ``repeat_kv`` copies), lower
 dense-to-MoE MLPs to their experts, turn exact (ReLU-family) rules into zero-threshold
-masks, rewrite CATS MLPs, add R-Sparse's low-rank term beside its mask, rewrite input masks and
-learned predictors into actsparse ops, send the CPU's unmasked quantized linears to the native
-kernel, note which weights want input-major storage, and render the debug table.
+masks, rewrite CATS MLPs, add R-Sparse's low-rank term beside its mask, rewrite input masks into
+actsparse ops, fold a gated MLP's product into its gate/up call, rewrite learned predictors, send
+the CPU's unmasked quantized linears to the native kernel, note which weights want input-major
+storage, and render the debug table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .builtin_topk import lower_builtin_topk
 from .check_plan import check_plan
 from .context import PassContext
 from .find_sites import discover_sites, site_table
+from .fuse_gated_product import fuse_gated_product
 from .gqa_attention import gqa_attention
 from .insert_cats import insert_cats
 from .insert_exact import insert_exact
@@ -43,11 +45,13 @@ def render_table(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_head_routing, gqa_attention,
           insert_experts, insert_exact,
-          insert_cats, insert_rsparse, insert_masks, insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
+          insert_cats, insert_rsparse, insert_masks, fuse_gated_product,
+          insert_predictors, lower_dense_quant_cpu, mark_layouts, render_table)
 
 
-def run_passes(gm: fx.GraphModule, plan: SparsityPlan, gqa_attention: bool = True) -> PassContext:
-    ctx = PassContext(plan=plan, gqa_attention=gqa_attention)
+def run_passes(gm: fx.GraphModule, plan: SparsityPlan, gqa_attention: bool = True,
+               fuse_gated_product: bool = True) -> PassContext:
+    ctx = PassContext(plan=plan, gqa_attention=gqa_attention, fuse_gated_product=fuse_gated_product)
     for p in PASSES:
         p(gm, ctx)
     return ctx

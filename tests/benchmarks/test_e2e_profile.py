@@ -12,6 +12,7 @@ from benchmarks import e2e_profile as ep
 @pytest.mark.parametrize("name,kind", [
     ("_predicated_kernel", "sparse"), ("_sparse_linear_kernel", "sparse"), ("_quant_gemv_kernel", "sparse"),
     ("_gate_up_kernel", "sparse"), ("_expert_down_kernel", "sparse"), ("_finish_kernel", "sparse_finish"),
+    ("_finish_gated_kernel", "sparse_finish"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "matmul"),
     ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "matmul"),
     ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits>", "attention"),
@@ -51,3 +52,14 @@ def test_top_kernels_by_name():
     assert top[0]["us"] == pytest.approx(30.0) and top[0]["count"] == pytest.approx(2.0)
     assert top[0]["mean_us"] == pytest.approx(15.0) and top[0]["kind"] == "sparse"
     assert len(ep.top_kernels(kernels, tokens=1, n=1)) == 1
+
+
+def test_ablation_variants_keep_the_main_rows_first():
+    from benchmarks.e2e import ablation_variants
+
+    rows = ablation_variants([0.5, 0.4], ["gqa", "fuse"])
+    assert [r[0] for r in rows] == ["dense", "sparse-50%", "sparse-40%", "dense-gqa", "sparse-50%-repeat_kv",
+                                    "sparse-40%-repeat_kv", "sparse-50%-unfused", "sparse-40%-unfused"]
+    assert rows[0][1] is None and rows[3][1] == 0.0
+    assert rows[4][2] == {"gqa_attention": False} and rows[6][2] == {"fuse_gated_product": False}
+    assert [r[0] for r in ablation_variants([0.5], [])] == ["dense", "sparse-50%"]

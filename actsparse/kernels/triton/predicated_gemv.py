@@ -20,7 +20,9 @@ This family does what TEAL's kernel does, in our own form:
    counter, no last-program election); a program none of whose channels is active adds nothing
    (SKIP_EMPTY), which saves atomics at high sparsity.
 3. A second, tiny launch reads the sums, adds the bias, writes y in its dtype and zeroes the
-   workspace for the next call (CUDA-graph safe: no memset, nothing sized by the data).
+   workspace for the next call (CUDA-graph safe: no memset, nothing sized by the data). For a
+   gated MLP's gate and up it writes ``act(gate) * up`` instead (``epilogue``), which saves the
+   product its own launch.
 
 1 row uses fp32 FMAs; 2..16 rows one ``tl.dot`` per tile on the rows padded to 16 (the union of
 the rows' masks predicates the loads). Which family runs for a shape, batch bucket and
@@ -35,6 +37,7 @@ import triton
 import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
+from actsparse.kernels.triton.gated_mlp import _activation
 from actsparse.kernels.triton.sparse_gemv import _fma, _load_tile, _row_cutoffs
 
 
@@ -144,6 +147,23 @@ def _finish_kernel(WS, Y0, Y1, Y2, B0, B1, B2, N0, N1, N2, N_TOTAL,
             _finish_block(WS, Y2, B2, N2, N0 + N1, pid - nb0 - nb1, m, N_TOTAL, HAS_B2, BLOCK)
 
 
+@triton.jit
+def _finish_gated_kernel(WS, H, N, N_TOTAL, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (blocks of N, rows). The gated MLP's product from the two outputs' sums,
+    h = act(gate) * up, in h's dtype; workspace = 0. Writes h instead of gate and up, so the
+    product needs no launch of its own."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.program_id(1)
+    ok = offs < N
+    ws = WS + m * N_TOTAL + offs
+    g = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
+    u = tl.load(ws + N, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.debug_barrier()
+    tl.store(ws, tl.zeros([BLOCK], dtype=tl.float32), mask=ok)
+    tl.store(ws + N, tl.zeros([BLOCK], dtype=tl.float32), mask=ok)
+    tl.store(H + m * N + offs, (_activation(g, ACT) * u).to(H.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs and autotuning
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +245,10 @@ def launch(common: dict, ns: Sequence[int], m: int, m_pad: int, config: dict | N
         _predicated_kernel[grid(kw)](*args, **kw)
     else:
         _tuned_kernel(m_pad)[grid](*args, **meta)
+    if c.get("epilogue"):  # gate and up: write act(gate) * up only
+        _finish_gated_kernel[(triton.cdiv(ns[0], FINISH_BLOCK), m)](
+            c["ws"], c["h"], ns[0], c["n_total"], ACT=c["epilogue"], BLOCK=FINISH_BLOCK, num_warps=4)
+        return
     Y, B, has_b = c["Y"], c["B"], c["has_b"]
     fin_grid = (sum(triton.cdiv(n, FINISH_BLOCK) for n in ns), m)
     _finish_kernel[fin_grid](c["ws"], *Y, *B, *c["N"], c["n_total"], NUM_OUT=c["num_out"], HAS_B0=has_b[0],

@@ -404,8 +404,13 @@ def launch_sparse_linear(
     config: Optional[dict] = None,
     channel_thresholds: Optional[Sequence[Optional[torch.Tensor]]] = None,
     family: Optional[str] = None,
+    epilogue: Optional[str] = None,
 ) -> list[torch.Tensor]:
     """Always a Triton kernel (no dense fallback). `config` pins a config (tests, interpreter).
+
+    `epilogue` (an activation name): the two outputs are a gated MLP's gate and up (same width,
+    no bias), and the call returns ``[act(gate) * up]`` alone. The predicated family computes it
+    in its finishing launch; the compacting one after its kernel.
 
     `channel_thresholds[i]`, where given, is a 1-D fp32 tensor of K per-channel cutoffs that
     replaces the scalar `thresholds[i]` (still multiplied by `row_scale` per row).
@@ -427,6 +432,8 @@ def launch_sparse_linear(
     ns = [int(w.shape[0]) for w in weights]
     n_total = sum(ns)
     outs = [torch.empty((M, n), dtype=out_dtype, device=dev) for n in ns]
+    if epilogue is not None:
+        check_epilogue(epilogue, ns, biases)
 
     bs = []
     for b, w in zip(biases, weights):
@@ -467,19 +474,31 @@ def launch_sparse_linear(
     key = [rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(dev)]
     common = dict(x=x, rs=rs if rs is not None else ws, ws=ws, W=W, B=B, Y=Y, CT=CT, T=T, N=N, strides=strides,
                   K=K, n_total=n_total, key=key, num_out=num_out, has_rs=rs is not None, has_b=has_b,
-                  has_ct=has_ct, dot_precision=rt.dot_precision(w_dtype))
+                  has_ct=has_ct, dot_precision=rt.dot_precision(w_dtype), epilogue=epilogue,
+                  h=torch.empty((M, ns[0]), dtype=out_dtype, device=dev) if epilogue else None)
 
     fam = family or _family_of(config) or _FORCED_FAMILY
     fkey = None
     if fam is None:
-        fkey = (K, tuple(ns), *key, x.dtype, w_dtype, out_dtype, rs is not None, tuple(has_ct))
+        fkey = (K, tuple(ns), *key, x.dtype, w_dtype, out_dtype, rs is not None, tuple(has_ct), epilogue)
         fam = choose_family(fkey, {f: (lambda f=f: _run_family(f, common, ns, M, m_pad, None)) for f in FAMILIES})
     if fam not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
     global _LAST_FAMILY, _LAST_KEY
     _LAST_FAMILY, _LAST_KEY = fam, fkey
     _run_family(fam, common, ns, M, m_pad, config)
-    return outs
+    return [common["h"]] if epilogue else outs
+
+
+def check_epilogue(act: str, ns: Sequence[int], biases: Sequence[Optional[torch.Tensor]]) -> None:
+    """A gated epilogue needs exactly gate and up, of one width, without biases."""
+    from actsparse.kernels.triton.gated_mlp import ACTIVATIONS
+
+    if act not in ACTIVATIONS:
+        raise ValueError(f"epilogue must be one of {ACTIVATIONS}, got {act!r}")
+    if len(ns) != 2 or ns[0] != ns[1] or any(b is not None for b in biases):
+        raise ValueError(f"a gated epilogue takes two outputs of one width (gate, up) without biases, got widths "
+                         f"{list(ns)} and biases {[b is not None for b in biases]}")
 
 
 def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
@@ -489,6 +508,11 @@ def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, c
         predicated_gemv.launch(common, ns, M, m_pad, config)
     else:
         _launch_compact(common, ns, M, m_pad, config)
+        if common["epilogue"]:  # the compacting kernel writes gate and up: the product after it
+            from actsparse.ops.reference import activation
+
+            g, u = common["Y"][0], common["Y"][1]
+            common["h"].copy_(activation(common["epilogue"], g.float()) * u.float())
 
 
 def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
