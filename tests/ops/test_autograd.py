@@ -200,8 +200,8 @@ def _compare(model, plan, ids, compiler, monkeypatch):
     seen = []
     real = run_passes
 
-    def spy(gm, plan_):  # record which actsparse ops each compiled graph calls
-        ctx = real(gm, plan_)
+    def spy(gm, plan_, **kw):  # record which actsparse ops each compiled graph calls
+        ctx = real(gm, plan_, **kw)
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return ctx
 
