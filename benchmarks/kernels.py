@@ -278,6 +278,19 @@ def gpu_selfcheck(log) -> list:
         ok = max(errs) < tol[torch.bfloat16]
         out.append(dict(kind="determinism", config=as_dict(c), distinct_outputs=distinct, errs=errs, ok=ok))
         log(f"determinism {_short(c)}: {distinct} distinct outputs of 5, errs {[f'{e:.1e}' for e in errs]}")
+    from actsparse.ops.reference import gated_product_reference
+
+    for (M, c), act in itertools.product(((1, sg.CONFIGS_M1[0]), (5, sg.CONFIGS_DOT[0]), (1, pg.CONFIGS_M1[0]),
+                                          (5, pg.CONFIGS_DOT[0])), ("silu", "gelu_tanh")):
+        x = torch.randn(M, 4104, device="cuda", generator=g).to(torch.bfloat16)
+        ws = [(torch.randn(1032, 4104, device="cuda", generator=g) / 8).to(torch.bfloat16).t().contiguous().t()
+              for _ in range(2)]
+        h = sg.launch_sparse_linear(x, ws, [None, None], [0.3, 0.8], config=as_dict(c), epilogue=act)[0]
+        e = rel_err(h, gated_product_reference(x.float(), [w.float() for w in ws], [0.3, 0.8], act))
+        ok = e < 2 * tol[torch.bfloat16]
+        out.append(dict(kind="gated-epilogue", act=act, M=M, config=as_dict(c), errs=[e], ok=ok))
+        if not ok:
+            log(f"SELFCHECK FAIL gated epilogue {act} M={M} cfg={_short(c)} err={e}")
     try:
         out += cats_selfcheck(log, tol, g)
     except Exception as e:
