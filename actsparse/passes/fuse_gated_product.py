@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..ops.sparse_gated_product import sparse_gated_product as gated_product_op
 from ..ops.sparse_linear import sparse_linear as sparse_linear_op
+from ..ops.spec import bound_args
 from .context import PassContext
 from .find_sites import activation_of
 from .graph import erase_orphans, replace_node
@@ -28,9 +29,9 @@ def _only_user(n: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _match(call: fx.Node) -> tuple[int, str, fx.Node] | None:
+def _match(call: fx.Node, args: dict) -> tuple[int, str, fx.Node] | None:
     """(index of the gate output, activation, product node) if ``call`` feeds a gated product only."""
-    x, weights, biases = call.args[:3]
+    weights, biases = args["weights"], args["biases"]
     if len(weights) != 2 or any(b is not None for b in biases):
         return None
     items = {}
@@ -65,15 +66,16 @@ def fuse_gated_product(gm: fx.GraphModule, ctx: PassContext) -> None:
     for call in list(graph.nodes):
         if call.op != "call_function" or call.target is not sparse_linear_op:
             continue
-        hit = _match(call)
+        args = bound_args(call)
+        hit = _match(call, args)
         if hit is None:
             continue
         gi, act, prod = hit
-        x, weights, _, thresholds, per_token, hint = call.args
         order = (gi, 1 - gi)
         with graph.inserting_before(prod):
             new = graph.call_function(gated_product_op, (
-                x, [weights[i] for i in order], [thresholds[i] for i in order], act, per_token, hint))
+                args["x"], [args["weights"][i] for i in order], [args["thresholds"][i] for i in order], act,
+                args["per_token"], args["sparsity_hint"]))
         replace_node(graph, prod, new, orphans)
         ctx.stats.gated_product_calls += 1
     if orphans:
