@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .dispatch import choose
 from .reference import activation, gated_product_reference, row_scale
-from .sparse_linear import reserve_sparse_gemv, run_masked_linears
+from .sparse_linear import reserve_sparse_gemv, run_on_path
 from .spec import define_op
 
 
@@ -27,12 +27,13 @@ def _sparse_gated_product(x: Tensor, weights: list[Tensor], thresholds: list[flo
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = int(weights[0].shape[0])
-    path, tri = choose(x2, k, [n, n], sparsity_hint, weights[0].element_size())
+    chosen = choose(x2, k, [n, n], sparsity_hint, weights[0].element_size())
+    path, tri = chosen
     if path == "triton":
         h = tri.launch_sparse_linear(x2.contiguous(), list(weights), [None, None], [float(t) for t in thresholds],
                                      row_scale(x2) if per_token else None, sparsity_hint, epilogue=act)[0]
     else:
-        g, u = run_masked_linears(x2, list(weights), [None, None], list(thresholds), per_token, sparsity_hint)
+        g, u = run_on_path(chosen, x2, list(weights), [None, None], list(thresholds), per_token, sparsity_hint)
         h = activation(act, g) * u
     return h.reshape(*lead, n)
 

@@ -63,7 +63,16 @@ def run_masked_linears(x: Tensor, weights: list[Tensor], biases: list[Optional[T
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     ns = [int(w.shape[0]) for w in weights]
-    path, tri = choose(x2, k, ns, sparsity_hint, weights[0].element_size())
+    outs = run_on_path(choose(x2, k, ns, sparsity_hint, weights[0].element_size()), x2, weights, biases,
+                       thresholds, per_token, sparsity_hint)
+    return [o.reshape(*lead, o.shape[-1]) for o in outs]
+
+
+def run_on_path(chosen: tuple, x2: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list,
+                per_token: bool, sparsity_hint: float) -> list[Tensor]:
+    """The masked linears of 2-D ``x2`` on a path ``dispatch.choose`` already picked (callers that
+    must know the path before running, as the gated product, choose once)."""
+    path, tri = chosen
     if path == "triton":
         channel = [t if isinstance(t, Tensor) else None for t in thresholds]
         scalars = [1.0 if isinstance(t, Tensor) else float(t) for t in thresholds]
@@ -75,7 +84,7 @@ def run_masked_linears(x: Tensor, weights: list[Tensor], biases: list[Optional[T
         outs = [cpu_linear(x2, w, b, t, per_token) for w, b, t in zip(weights, biases, thresholds)]
     else:
         outs = masked_linears(x2, weights, biases, thresholds, per_token)
-    return [o.reshape(*lead, o.shape[-1]) for o in outs]
+    return outs
 
 
 def _sparse_linear(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],

@@ -501,6 +501,11 @@ def check_epilogue(act: str, ns: Sequence[int], biases: Sequence[Optional[torch.
                          f"{list(ns)} and biases {[b is not None for b in biases]}")
 
 
+#: the gated product after the compacting kernel, in torch (that family has no finishing launch)
+_TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+                      "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+
+
 def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
     if fam == "predicated":
         from actsparse.kernels.triton import predicated_gemv
@@ -510,9 +515,7 @@ def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, c
         _launch_compact(common, ns, M, m_pad, config)
         if common["epilogue"]:  # the compacting kernel writes gate and up: the product after it
             g, u = common["Y"][0].float(), common["Y"][1].float()
-            act = {"silu": torch.nn.functional.silu, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
-                   "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[common["epilogue"]]
-            common["h"].copy_(act(g) * u)
+            common["h"].copy_(_TORCH_ACTIVATIONS[common["epilogue"]](g) * u)
 
 
 def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
