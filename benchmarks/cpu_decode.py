@@ -217,8 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: a random model of these Llama-3 shapes (actsparse.models.shaped, e.g. llama3-1b) "
                         "with ReLU MLPs, dense compiled against its exact plan")
     p.add_argument("--layers", type=int, default=None, help="--random-relu: number of decoder layers")
+    p.add_argument("--ablate", nargs="*", default=[], choices=["gqa", "fuse"],
+                   help="with --methods: each sparse variant again without that rewrite (gqa_attention, "
+                        "fuse_gated_product), timed in the same rounds")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.ablate and not args.methods:
+        p.error("--ablate takes --methods (the interleaved comparison)")
 
     if args.random_relu:
         if args.threads:
@@ -334,6 +339,7 @@ def methods_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, resu
     import os
 
     import actsparse
+    from benchmarks.e2e import ABLATIONS
 
     specs: list[tuple[str, Any, Any, Any]] = [("dense (inductor)", model, "inductor", None)]
     for method in args.methods:
@@ -343,6 +349,11 @@ def methods_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, resu
             m = copy.deepcopy(model)
             actsparse.prepare(m, plan)
             specs.append((f"{method} {s:.0%}", m, actsparse.backend(plan), plan))
+            for a in args.ablate:  # a copy of its own, so each compiled step keeps its own graphs
+                opt, suffix = ABLATIONS[a]
+                m = copy.deepcopy(model)
+                actsparse.prepare(m, plan)
+                specs.append((f"{method} {s:.0%} {suffix}", m, actsparse.backend(plan, **{opt: False}), plan))
     result.update(cpu=result["device"], loadavg_start=[round(x, 2) for x in os.getloadavg()], note=LOAD_NOTE)
     compiled = {}
     for name, m, be, _ in specs:
@@ -358,6 +369,7 @@ def methods_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, resu
                "runs": [round(x, 3) for x in t["runs"]],
                "compile_and_first_s": round(compiled[name]["compile_and_first_s"], 1)}
         if plan is not None:
+            row["options"] = {ABLATIONS[a][0]: False for a in args.ablate if name.endswith(" " + ABLATIONS[a][1])}
             row["plan"] = {"method": plan.method, "target": plan.target, "overall_sparsity": plan.overall_sparsity}
             row["greedy_prefix_agreement_with_masked_eager"] = agreement(
                 t["tokens"], reference_tokens(m, plan, ids, args.new_tokens, cache_len))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import actsparse
@@ -129,7 +130,8 @@ def test_methods_run_interleaves_every_method(tmp_path):
     g = torch.Generator().manual_seed(4)
     calib = torch.randint(3, 128, (1, 64), generator=g)
     ids = torch.randint(3, 128, (1, 8), generator=g)
-    args = argparse.Namespace(methods=["teal", "cats"], sparsity=[0.5], calib_tokens=64, new_tokens=4, repeats=2)
+    args = argparse.Namespace(methods=["teal", "cats"], sparsity=[0.5], calib_tokens=64, new_tokens=4, repeats=2,
+                              ablate=[])
     result = {"device": "CPU", "rows": []}
     methods_run(base, calib, None, ids, 16, args, result)
     assert [r["variant"] for r in result["rows"]] == ["dense (inductor)", "teal 50%", "cats 50%"]
@@ -138,3 +140,35 @@ def test_methods_run_interleaves_every_method(tmp_path):
         assert r["plan"]["method"] == r["variant"].split()[0] and r["sparsity"] == 0.5
         assert len(r["runs"]) == 2 and r["vs_dense"] > 0
         assert r["greedy_prefix_agreement_with_masked_eager"] == 1.0  # fp32: the same masks, the same tokens
+
+
+def test_methods_run_times_each_ablation_beside_its_variant():
+    """--ablate adds each sparse variant without the rewrite, with the option recorded and the
+    same greedy tokens (both rewrites are exact)."""
+    import argparse
+
+    from benchmarks.cpu_decode import methods_run
+
+    base = tiny("llama")
+    g = torch.Generator().manual_seed(5)
+    calib = torch.randint(3, 128, (1, 64), generator=g)
+    ids = torch.randint(3, 128, (1, 8), generator=g)
+    args = argparse.Namespace(methods=["teal"], sparsity=[0.5], calib_tokens=64, new_tokens=4, repeats=1,
+                              ablate=["gqa", "fuse"])
+    result = {"device": "CPU", "rows": []}
+    methods_run(base, calib, None, ids, 16, args, result)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["dense (inductor)", "teal 50%", "teal 50% repeat_kv", "teal 50% unfused"]
+    assert rows["teal 50%"]["options"] == {}
+    assert rows["teal 50% repeat_kv"]["options"] == {"gqa_attention": False}
+    assert rows["teal 50% unfused"]["options"] == {"fuse_gated_product": False}
+    for name in ("teal 50%", "teal 50% repeat_kv", "teal 50% unfused"):
+        assert rows[name]["greedy_prefix_agreement_with_masked_eager"] == 1.0
+
+
+def test_ablate_needs_methods(capsys):
+    from benchmarks.cpu_decode import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--ablate", "gqa"])
+    assert e.value.code == 2 and "--ablate takes --methods" in capsys.readouterr().err
