@@ -313,13 +313,17 @@ def cats_selfcheck(log, tol, g) -> list:
         gcfg = (gm.CONFIGS_M1 if M == 1 else gm.CONFIGS_DOT)[i % 4]
         x = torch.randn(M, d, device="cuda", generator=g).to(dtype)
         wg, wu, wd = [(torch.randn(a, b, device="cuda", generator=g) / 8).to(dtype) for a, b in [(f, d), (f, d), (d, f)]]
+        # odd cases carry biases (shifted ReLU's gate has one; the last one all three)
+        bs = [(torch.randn(n, device="cuda", generator=g) / 4).to(dtype) if i % 2 and (j == 0 or i == 3) else None
+              for j, n in enumerate((f, f, d))]
         yc = gm.launch_gated_mlp(x, wg, wu, wd.t().contiguous().t(), act, threshold=0.2,
                                       gate_config=dict(gcfg.kwargs, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages),
-                                      down_config=down[0 if M == 1 else 1])
-        ref = gated_mlp_reference(x.float(), wg, wu, wd, None, None, None, act, 0.2)
+                                      down_config=down[0 if M == 1 else 1], b_gate=bs[0], b_up=bs[1], b_down=bs[2])
+        ref = gated_mlp_reference(x.float(), wg, wu, wd, *bs, act, 0.2)
         e = rel_err(yc, ref)
         ok = e < 2 * tol[dtype]
-        out.append(dict(kind="cats", dtype=str(dtype), M=M, act=act, errs=[e], ok=ok))
+        out.append(dict(kind="cats", dtype=str(dtype), M=M, act=act, biases=sum(b is not None for b in bs), errs=[e],
+                        ok=ok))
         if not ok:
             log(f"SELFCHECK FAIL cats {dtype} M={M} {act} err={e}")
     return out

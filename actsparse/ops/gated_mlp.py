@@ -4,8 +4,8 @@ The gate runs in full (its output decides); where no token row needs a neuron, i
 and down_proj column are skipped. Input-sparse weights: ``w_down`` (input-major); ``w_up``
 stays row-major (read output-sparse, a neuron's row contiguous).
 
-Dispatch: the Triton kernels for few rows on CUDA where the cost model favours them (no bias,
-fixed threshold); for few rows on the CPU, up and down on the active neurons through the native
+Dispatch: the Triton kernels for few rows on CUDA where the cost model favours them (fixed
+threshold; biases on any of the three, as shifted ReLU's gate has); for few rows on the CPU, up and down on the active neurons through the native
 kernels, which read the active rows of ``w_up`` and of the input-major ``w_down`` in place (no
 gathered copy, as ``sparse_linear`` does; a gather where they cannot be built); else the
 masked dense form.
@@ -70,6 +70,10 @@ def masked_mlp_gathered(x2: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, 
     return up_down_gathered(x2, idx, mask[:, idx], g, w_up, w_down, b_up, b_down)
 
 
+def _vector(b: Optional[Tensor]) -> Optional[Tensor]:
+    return None if b is None else b.contiguous()
+
+
 def _gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor], act: str, threshold: float, per_token: bool,
                sparsity_hint: float) -> Tensor:
@@ -78,9 +82,10 @@ def _gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
     x2 = x.reshape(-1, k)
     out = None
     path, tri = choose(x2, k, [w_gate.shape[0]], sparsity_hint, w_gate.element_size(), gated=True)
-    if path == "triton" and b_gate is None and b_up is None and b_down is None and not per_token:
+    if path == "triton" and not per_token:
         out = tri.launch_gated_mlp(x2.contiguous(), w_gate, w_up, w_down, act, threshold=threshold,
-                                   sparsity_hint=sparsity_hint)
+                                   sparsity_hint=sparsity_hint, b_gate=_vector(b_gate), b_up=_vector(b_up),
+                                   b_down=b_down)
     elif path == "cpu":
         g = activation(act, F.linear(x2, w_gate, b_gate))
         mask = input_mask(g, threshold, per_token)

@@ -31,9 +31,10 @@ def _predicted_mlp(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     out = None
     # the cost model reads the gate in full (CATS); here it is skipped too, so sparse pays at least as well
     path, tri = choose(x2, k, [w_gate.shape[0]], sparsity_hint, w_gate.element_size(), gated=True)
-    if path == "triton" and b_gate is None and b_up is None and b_down is None:
+    if path == "triton":
         out = tri.launch_gated_mlp(x2.contiguous(), w_gate, w_up, w_down, act, mask=m2.contiguous(),
-                                   sparsity_hint=sparsity_hint)
+                                   sparsity_hint=sparsity_hint, b_gate=None if b_gate is None else b_gate.contiguous(),
+                                   b_up=None if b_up is None else b_up.contiguous(), b_down=b_down)
     elif path == "cpu":
         out = masked_mlp_gathered(x2, m2, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
     if out is None:

@@ -110,3 +110,38 @@ def test_threshold_and_mask_are_exclusive():
     x, mask, w = mask_case(1, k=16, n=16, out=8, density=0.5)
     with pytest.raises(AssertionError):
         gm.launch_gate_up(x, w[0], w[1], "silu", threshold=0.1, mask=mask)
+
+
+@pytest.mark.parametrize("which", ["gate", "all"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_biases_match_reference(which, m):
+    """Shifted ReLU folds its shift into a gate bias: the kernels take biases on gate, up and
+    down instead of leaving such MLPs to the masked dense form."""
+    g = torch.Generator().manual_seed(20 + m)
+    d, f = 72, 88
+    x = torch.randn(m, d, generator=g)
+    wg, wu = weight(f, d, torch.float32, False, g), weight(f, d, torch.float32, False, g)
+    wd = weight(d, f, torch.float32, True, g)
+    bg = -0.5 - torch.rand(f, generator=g)  # a shift: most neurons below zero, as shifted ReLU makes them
+    bu = torch.randn(f, generator=g) if which == "all" else None
+    bd = torch.randn(d, generator=g) if which == "all" else None
+    out = gm.launch_gated_mlp(x, wg, wu, wd, "relu", threshold=0.0, b_gate=bg, b_up=bu, b_down=bd)
+    ref = gated_mlp_reference(x, wg, wu, wd, bg, bu, bd, "relu", 0.0)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    h = gm.launch_gate_up(x, wg, wu, "relu", threshold=0.0, b_gate=bg, b_up=bu)
+    assert 0.3 < float((h == 0).float().mean()) < 1.0  # the shift made most of h exactly zero
+
+
+def test_biases_with_a_given_mask():
+    x, mask, w = mask_case(3, k=40, n=50, out=24, density=0.4)
+    g = torch.Generator().manual_seed(31)
+    bg, bu, bd = torch.randn(50, generator=g), torch.randn(50, generator=g), torch.randn(24, generator=g)
+    got = gm.launch_gated_mlp(x, *w, "silu", mask=mask, b_gate=bg, b_up=bu, b_down=bd)
+    want = predicted_mlp_reference(x, mask, *w, bg, bu, bd, "silu")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_of_the_wrong_width_is_refused():
+    x, mask, w = mask_case(1, k=16, n=16, out=8, density=0.5)
+    with pytest.raises(AssertionError, match="b_gate"):
+        gm.launch_gate_up(x, w[0], w[1], "relu", threshold=0.0, b_gate=torch.zeros(15))

@@ -250,9 +250,10 @@ def test_gated_mlp_every_branch(spy, path, dtype, act):
             got = torch.ops.actsparse.gated_mlp(x, wg, wu, wd, *bs, act, t, per_token, 0.5)
         ref = gated_mlp_reference(x, wg, wu, wd, *bs, act, t, per_token)
         _close(got, ref, dtype)
-        kernel_ok = not bias and not per_token
+        kernel_ok = not per_token
         if path == "triton":
-            # the kernel takes neither biases nor per-token cutoffs: the masked dense form instead
+            # the kernel takes biases (shifted ReLU's gate has one) but no per-token cutoffs: the
+            # masked dense form then
             assert spy["triton_gated"] == int(kernel_ok), (bias, per_token, spy.calls)
             assert spy["masked_gated_mlp"] == int(not kernel_ok), (bias, per_token, spy.calls)
         elif path == "cpu":
@@ -293,7 +294,7 @@ def test_predicted_mlp_every_branch(spy, path, dtype):
         ref = predicted_mlp_reference(x, mask, wg, wu, wd, *bs, "silu")
         _close(got, ref, dtype)
         if path == "triton":
-            assert spy["triton_gated"] == int(not bias) and spy["masked_predicted_mlp"] == int(bias), spy.calls
+            assert spy["triton_gated"] == 1 and spy["masked_predicted_mlp"] == 0, spy.calls  # biases included
         elif path == "cpu":
             assert spy["triton_gated"] == 0 and spy["masked_predicted_mlp"] + spy["predicted_gather"] == 1
             if rows == 1 and density < 0.5:  # the union of a few rows' masks is sparse: gathered

@@ -82,11 +82,12 @@ def _rows_matmul(X, stride_xm, stride_xk, W, swf, swk, offs_f, rows_on, offs_m, 
 
 @triton.jit
 def _gate_up_kernel(
-    X, MASK, WG, WU, H,
+    X, MASK, WG, WU, BG, BU, H,
     stride_xm, stride_xk, stride_mm, s_gf, s_gk, s_uf, s_uk,
     M, K, F, thr,
     M_BUCKET, SPARSITY_KEY, DEVICE_KEY,  # only for the autotune key
     ACT: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_FROM_GATE: tl.constexpr,
+    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -95,9 +96,12 @@ def _gate_up_kernel(
     offs_m = tl.arange(0, M_PAD)
     m_ok = offs_m < M
     tile_ok = m_ok[:, None] & f_ok[None, :]
+    bg = tl.zeros([BLOCK_F], dtype=tl.float32)
+    if HAS_BG:  # a gate bias (shifted ReLU folds its shift here): added before the activation
+        bg = tl.load(BG + offs_f, mask=f_ok, other=0.0).to(tl.float32)
     if MASK_FROM_GATE:  # CATS: the dense gate decides
         g = _activation(_rows_matmul(X, stride_xm, stride_xk, WG, s_gf, s_gk, offs_f, f_ok, offs_m, m_ok, K,
-                                     M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION), ACT)
+                                     M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION) + bg[None, :], ACT)
         on = (tl.abs(g) > thr) & tile_ok
         row_on = tl.max(on.to(tl.int32), axis=0) > 0  # neurons some batch row needs
     else:  # the mask is given: gate rows of masked-off neurons are skipped too
@@ -108,9 +112,11 @@ def _gate_up_kernel(
     if tl.max(row_on.to(tl.int32), axis=0) > 0:  # a block with no active neuron reads nothing more
         if not MASK_FROM_GATE:
             g = _activation(_rows_matmul(X, stride_xm, stride_xk, WG, s_gf, s_gk, offs_f, row_on, offs_m, m_ok,
-                                         K, M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION), ACT)
+                                         K, M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION) + bg[None, :], ACT)
         u = _rows_matmul(X, stride_xm, stride_xk, WU, s_uf, s_uk, offs_f, row_on, offs_m, m_ok, K,
                          M_PAD, BLOCK_F, BLOCK_K, DOT_PRECISION)
+        if HAS_BU:
+            u += tl.load(BU + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
         h = tl.where(on, g * u, 0.0)
     tl.store(H + offs_m[:, None] * F + offs_f[None, :], h, mask=tile_ok)
 
@@ -134,7 +140,7 @@ _TUNERS: dict[int, object] = {}
 def _tuned_kernel(m_pad: int):
     if m_pad not in _TUNERS:
         configs = CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT
-        key = ["K", "F", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY", "ACT", "MASK_FROM_GATE"]
+        key = ["K", "F", "M_BUCKET", "SPARSITY_KEY", "DEVICE_KEY", "ACT", "MASK_FROM_GATE", "HAS_BG", "HAS_BU"]
         _TUNERS[m_pad] = rt.autotune(configs, key)(_gate_up_kernel)
     return _TUNERS[m_pad]
 
@@ -146,8 +152,9 @@ def supports(m: int) -> bool:
 
 def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str,
                    threshold: Optional[float] = None, mask: Optional[torch.Tensor] = None,
-                   sparsity_hint: Optional[float] = None, config: Optional[dict] = None) -> torch.Tensor:
-    """h = mask * act(x Wg^T) * (x Wu^T) in fp32, [M, F].
+                   sparsity_hint: Optional[float] = None, config: Optional[dict] = None,
+                   b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h = mask * act(x Wg^T + b_gate) * (x Wu^T + b_up) in fp32, [M, F] (biases optional).
 
     Exactly one of ``threshold`` (CATS: mask = |act(gate)| > threshold) and ``mask`` ([M, F]
     bool, from a predictor) is given.
@@ -166,12 +173,16 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, ac
         assert mask.shape == (M, Fn) and mask.stride(1) == 1
         mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # same bytes
         stride_mm = mask_arg.stride(0)
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        assert b is None or (b.shape == (Fn,) and b.is_contiguous()), f"{name} must be a contiguous [{Fn}] vector"
     m_pad = rows_pad(M)
-    args = [x, mask_arg, w_gate, w_up, h, x.stride(0), x.stride(1), stride_mm,
+    args = [x, mask_arg, w_gate, w_up, h if b_gate is None else b_gate, h if b_up is None else b_up, h,
+            x.stride(0), x.stride(1), stride_mm,
             w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1), M, K, Fn,
             float(threshold) if from_gate else 0.0,
             rt.batch_bucket(M), rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
-    meta = dict(ACT=act, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_gate.dtype), MASK_FROM_GATE=from_gate)
+    meta = dict(ACT=act, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(w_gate.dtype), MASK_FROM_GATE=from_gate,
+                HAS_BG=b_gate is not None, HAS_BU=b_up is not None)
     grid = lambda meta_: (triton.cdiv(Fn, meta_["BLOCK_F"]),)  # noqa: E731
     if config is None and rt.interpreting():
         config = INTERPRET_CONFIG
@@ -185,11 +196,12 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, ac
 def launch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, act: str,
                      threshold: Optional[float] = None, mask: Optional[torch.Tensor] = None,
                      sparsity_hint: Optional[float] = None, gate_config: Optional[dict] = None,
-                     down_config: Optional[dict] = None) -> torch.Tensor:
+                     down_config: Optional[dict] = None, b_gate: Optional[torch.Tensor] = None,
+                     b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The two launches: masked gate/up, then the input-sparse down projection on h."""
     assert w_down.shape[1] == w_gate.shape[0]
-    h = launch_gate_up(x, w_gate, w_up, act, threshold, mask, sparsity_hint, gate_config)
-    (out,) = launch_sparse_linear(h, [w_down], [None], [0.0], None, sparsity_hint,
+    h = launch_gate_up(x, w_gate, w_up, act, threshold, mask, sparsity_hint, gate_config, b_gate, b_up)
+    (out,) = launch_sparse_linear(h, [w_down], [b_down], [0.0], None, sparsity_hint,
                                   out_dtype=x.dtype, config=down_config)
     return out
 
