@@ -5,10 +5,10 @@ and down_proj column are skipped. Input-sparse weights: ``w_down`` (input-major)
 stays row-major (read output-sparse, a neuron's row contiguous).
 
 Dispatch: the Triton kernels for few rows on CUDA where the cost model favours them (fixed
-threshold; biases on any of the three, as shifted ReLU's gate has); for few rows on the CPU, up and down on the active neurons through the native
-kernels, which read the active rows of ``w_up`` and of the input-major ``w_down`` in place (no
-gathered copy, as ``sparse_linear`` does; a gather where they cannot be built); else the
-masked dense form.
+threshold; biases on any of the three, as shifted ReLU's gate has); for few rows on the CPU, up
+and down on the active neurons through the native kernels, which read the active rows of
+``w_up`` and of the input-major ``w_down`` in place (no gathered copy, as ``sparse_linear``
+does; a gather where they cannot be built); else the masked dense form.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def masked_mlp_gathered(x2: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, 
     return up_down_gathered(x2, idx, mask[:, idx], g, w_up, w_down, b_up, b_down)
 
 
-def _vector(b: Optional[Tensor]) -> Optional[Tensor]:
+def contiguous_bias(b: Optional[Tensor]) -> Optional[Tensor]:
+    """A bias as the Triton kernels read it (one contiguous vector), or None."""
     return None if b is None else b.contiguous()
 
 
@@ -84,8 +85,8 @@ def _gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
     path, tri = choose(x2, k, [w_gate.shape[0]], sparsity_hint, w_gate.element_size(), gated=True)
     if path == "triton" and not per_token:
         out = tri.launch_gated_mlp(x2.contiguous(), w_gate, w_up, w_down, act, threshold=threshold,
-                                   sparsity_hint=sparsity_hint, b_gate=_vector(b_gate), b_up=_vector(b_up),
-                                   b_down=b_down)
+                                   sparsity_hint=sparsity_hint, b_gate=contiguous_bias(b_gate),
+                                   b_up=contiguous_bias(b_up), b_down=b_down)
     elif path == "cpu":
         g = activation(act, F.linear(x2, w_gate, b_gate))
         mask = input_mask(g, threshold, per_token)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .dense import masked_predicted_mlp
 from .dispatch import choose
-from .gated_mlp import _reserve, masked_mlp_gathered
+from .gated_mlp import _reserve, contiguous_bias, masked_mlp_gathered
 from .reference import predicted_mlp_reference
 from .spec import define_op
 
@@ -33,8 +33,8 @@ def _predicted_mlp(x: Tensor, mask: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     path, tri = choose(x2, k, [w_gate.shape[0]], sparsity_hint, w_gate.element_size(), gated=True)
     if path == "triton":
         out = tri.launch_gated_mlp(x2.contiguous(), w_gate, w_up, w_down, act, mask=m2.contiguous(),
-                                   sparsity_hint=sparsity_hint, b_gate=None if b_gate is None else b_gate.contiguous(),
-                                   b_up=None if b_up is None else b_up.contiguous(), b_down=b_down)
+                                   sparsity_hint=sparsity_hint, b_gate=contiguous_bias(b_gate),
+                                   b_up=contiguous_bias(b_up), b_down=b_down)
     elif path == "cpu":
         out = masked_mlp_gathered(x2, m2, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
     if out is None:
