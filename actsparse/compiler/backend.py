@@ -183,7 +183,7 @@ def backend(plan: SparsityPlan | str | None = None, *, sparsity: float | None = 
             cudagraphs: bool = False, debug: bool = False, relayout: str = "lazy",
             mode: str | None = None, inductor: dict[str, Any] | None = None,
             compiler: str = "inductor", gqa_attention: bool = True,
-            fuse_gated_product: bool = True) -> SparseBackend:
+            fuse_gated_product: bool | str = "auto") -> SparseBackend:
     """A backend object for ``torch.compile(model, backend=actsparse.backend(plan, ...))``."""
     options: dict[str, Any] = {"cudagraphs": cudagraphs, "debug": debug, "relayout": relayout,
                                "compiler": compiler, "gqa_attention": gqa_attention,

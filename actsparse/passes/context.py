@@ -43,7 +43,7 @@ class PassContext:
     #: point SDPA at the cache per KV head (``gqa_attention``) instead of HF's repeated copies
     gqa_attention: bool = True
     #: fold a gated MLP's product into its gate/up call (``fuse_gated_product``)
-    fuse_gated_product: bool = True
+    fuse_gated_product: bool | str = "auto"
 
     def hint(self, plan_name: str | None) -> float:
         """The calibrated sparsity of a site (measured, else the plan's target, else 0)."""

@@ -7,6 +7,10 @@ the product, whose output the down projection reads. The fused op computes the p
 sums are finished, so a decode step runs one launch fewer per layer and writes no gate/up
 activations. Only calls with exactly gate and up, of one width and without biases, whose outputs
 are used by the product alone, are fused; anything else stays as it was.
+
+``"auto"`` (the default) fuses only calls whose weights are on a CUDA device: on the CPU there is
+no launch to save, and the product inside the op runs as separate eager kernels, where Inductor
+fuses it into one loop (measured a few percent slower fused).
 """
 
 from __future__ import annotations
@@ -58,8 +62,13 @@ def _match(call: fx.Node, args: dict) -> tuple[int, str, fx.Node] | None:
     return None
 
 
+def _on_cuda(w) -> bool:
+    v = w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.device.type == "cuda"
+
+
 def fuse_gated_product(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if not ctx.fuse_gated_product:
+    if ctx.fuse_gated_product is False:
         return
     graph = gm.graph
     orphans: list[fx.Node] = []
@@ -71,6 +80,8 @@ def fuse_gated_product(gm: fx.GraphModule, ctx: PassContext) -> None:
         if hit is None:
             continue
         gi, act, prod = hit
+        if ctx.fuse_gated_product == "auto" and not _on_cuda(args["weights"][0]):
+            continue
         order = (gi, 1 - gi)
         with graph.inserting_before(prod):
             new = graph.call_function(gated_product_op, (

@@ -50,7 +50,7 @@ PASSES = (localize_dtensor, find_sites, check_plan, lower_builtin_topk, insert_h
 
 
 def run_passes(gm: fx.GraphModule, plan: SparsityPlan, gqa_attention: bool = True,
-               fuse_gated_product: bool = True) -> PassContext:
+               fuse_gated_product: bool | str = "auto") -> PassContext:
     ctx = PassContext(plan=plan, gqa_attention=gqa_attention, fuse_gated_product=fuse_gated_product)
     for p in PASSES:
         p(gm, ctx)

@@ -3,11 +3,13 @@ hooks, every gated MLP with masked gate and up is fused, anything else is left a
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actsparse
+from actsparse.compiler.options import OptionsError
 from actsparse.models import tiny
 from actsparse.ops.sparse_gated_product import sparse_gated_product
 from actsparse.ops.sparse_linear import sparse_linear
@@ -18,8 +20,8 @@ GATED = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3")
 
 
 class Counting:
-    def __init__(self, plan):
-        self.be = actsparse.backend(plan, compiler="eager")
+    def __init__(self, plan, fuse=True):  # True: fused on the CPU too ("auto" fuses CUDA weights only)
+        self.be = actsparse.backend(plan, compiler="eager", fuse_gated_product=fuse)
         self.fused = self.linear = 0
 
     def __call__(self, gm, example_inputs):
@@ -30,9 +32,9 @@ class Counting:
         return compiled
 
 
-def _run(model, plan, ids, dec):
+def _run(model, plan, ids, dec, fuse=True):
     torch._dynamo.reset()
-    be = Counting(plan)
+    be = Counting(plan, fuse)
     try:
         return prefill_decode(torch.compile(model.forward, backend=be), model, ids, dec), be
     finally:
@@ -87,3 +89,21 @@ def test_off_switch_keeps_the_product_outside():
     on, _ = _run(model, plan, ids, dec)
     assert be.fused == 0 and be.linear > 0
     assert_close_outputs(on, off)
+
+
+def test_auto_fuses_cuda_weights_only():
+    """The default leaves CPU graphs to Inductor's fused product (no launch to save there)."""
+    model = tiny("llama", num_hidden_layers=2)
+    plan = SparsityPlan(thresholds={n: 0.3 for n in linear_names(model)}, target=0.5)
+    ids, dec = token_inputs(1, 3, 2)
+    auto, be = _run(model, plan, ids, dec, fuse="auto")
+    assert be.fused == 0 and be.linear > 0
+    on, be_on = _run(model, plan, ids, dec)
+    assert be_on.fused >= 2
+    assert_close_outputs(auto, on)
+
+
+@pytest.mark.parametrize("bad", ["yes", "on", 1])
+def test_bad_option_value_is_refused(bad):
+    with pytest.raises(OptionsError, match="fuse_gated_product"):
+        actsparse.backend(SparsityPlan(), fuse_gated_product=bad)
