@@ -28,6 +28,11 @@ from .find_sites import activation_of
 from .graph import erase_orphans, replace_node
 
 
+def _example(n):
+    """The traced example (a fake tensor) of a graph node, or None."""
+    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else None
+
+
 def _only_user(n: fx.Node) -> fx.Node | None:
     users = list(n.users)
     return users[0] if len(users) == 1 else None
@@ -45,7 +50,7 @@ def _match(call: fx.Node, args: dict) -> tuple[int, str, fx.Node] | None:
         items[u.args[1]] = u
     if sorted(items) != [0, 1]:
         return None
-    shapes = [w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None for w in weights]
+    shapes = [_example(w) for w in weights]
     if not all(isinstance(s, torch.Tensor) for s in shapes) or shapes[0].shape[0] != shapes[1].shape[0]:
         return None
     for gi in (0, 1):
@@ -63,7 +68,7 @@ def _match(call: fx.Node, args: dict) -> tuple[int, str, fx.Node] | None:
 
 
 def _on_cuda(w) -> bool:
-    v = w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None
+    v = _example(w)
     return isinstance(v, torch.Tensor) and v.device.type == "cuda"
 
 
