@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import constants
-from .quant_sparse_linear import _quant_sparse_linear
+from .quant_sparse_linear import _quant_sparse_linear, reserve_quant_gemv
 from .reference import input_mask, quant_sparse_linear_reference
 from .spec import OPS, OpSpec
 
@@ -75,8 +75,15 @@ def _backward(ctx, grad):
 
 
 held_quant_sparse_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def _reserve(args) -> None:
+    if isinstance(args["x"], Tensor):
+        reserve_quant_gemv(args["x"].device, int(args["out_features"]))
+
+
 OPS[held_quant_sparse_linear._opoverload] = OpSpec(name="held_quant_sparse_linear",
-                                                   op=held_quant_sparse_linear._opoverload)
+                                                   op=held_quant_sparse_linear._opoverload, reserve=_reserve)
 held_quant_sparse_linear_op = held_quant_sparse_linear._opoverload
 
 

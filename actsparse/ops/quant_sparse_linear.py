@@ -84,6 +84,21 @@ def _quant_sparse_linear(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Op
     return y.reshape(*lead, n)
 
 
+def reserve_quant_gemv(device: torch.device, n: int) -> None:
+    """The Triton kernel's split-K workspace, sized at compile time (outside CUDA-graph pools)."""
+    if device.type != "cuda":
+        return
+    kernel = triton_module("quant_gemv")
+    if kernel is not None:
+        kernel.reserve_buffers(device, n)
+
+
+def _reserve(args) -> None:
+    x, q = args["x"], args["qweight"]
+    if isinstance(x, Tensor) and isinstance(q, Tensor):
+        reserve_quant_gemv(x.device, q.shape[1] * (2 if args["bits"] == 4 else 1))
+
+
 def _fake(x, qweight, scales, offsets, bias, threshold, per_token, bits, group_size, sparsity_hint):
     return x.new_empty(*x.shape[:-1], qweight.shape[1] * (2 if bits == 4 else 1))
 
@@ -92,5 +107,5 @@ def _reference(x, qweight, scales, offsets, bias, threshold, per_token, bits, gr
     return quant_sparse_linear_reference(x, qweight, scales, offsets, bias, threshold, per_token, bits, group_size)
 
 
-SPEC = define_op("quant_sparse_linear", _quant_sparse_linear, _fake, reference=_reference)
+SPEC = define_op("quant_sparse_linear", _quant_sparse_linear, _fake, reference=_reference, reserve=_reserve)
 quant_sparse_linear = SPEC.op

@@ -174,3 +174,23 @@ def test_fast_conversion_is_exact_over_every_code(bits):
         assert codes.unique().numel() >= 200  # the weights exercise nearly every int8 code
     else:
         assert (codes & 0xF).unique().numel() == 16 and (codes >> 4).unique().numel() == 16
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reserved_workspace_serves_every_row_count(bits):
+    """A workspace reserved at compile time is never replaced by a launch (CUDA-graph pools)."""
+    from actsparse.kernels.triton import _runtime as rt
+
+    k, n = 64, 24
+    qg.reserve_buffers(torch.device("cpu"), n)
+    key = ("quant_gemv", torch.float32, "cpu", None)
+    buf = rt._BUFFERS[key]
+    assert buf.numel() >= rt.MAX_ROWS * n
+    qw = quantize_weight(torch.randn(n, k) / 4, bits, 32 if bits == 4 else None)
+    for m in (1, rt.MAX_ROWS):
+        x = torch.randn(m, k)
+        out = qg.launch_quant_sparse_linear(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits, qw.group_size)
+        ref = quant_sparse_linear_reference(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
+                                            qw.group_size)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert rt._BUFFERS[key] is buf and not bool(buf.any())  # reused, and left zeroed

@@ -68,3 +68,19 @@ def test_fake_and_released_key():
     constants.release(tuple(scope.keys))
     with pytest.raises(RuntimeError, match="not registered"):
         OP(torch.randn(1, 64), key, None, 0.1, False, 4, 32, 8, 0.5)
+
+
+def test_compile_time_reserve_sizes_the_kernel_workspace(monkeypatch):
+    """Both quantized ops reserve the Triton workspace for their output width at compile time."""
+    from actsparse.ops import held_quant_sparse_linear as held
+    from actsparse.ops import quant_sparse_linear as qsl
+    from actsparse.ops.spec import OPS
+
+    calls = []
+    monkeypatch.setattr(qsl, "reserve_quant_gemv", lambda device, n: calls.append(n))
+    monkeypatch.setattr(held, "reserve_quant_gemv", lambda device, n: calls.append(n))
+    qw = quantize_weight(torch.randn(12, 64) / 4, 4, 32)
+    x = torch.randn(1, 64)
+    qsl.SPEC.reserve(dict(x=x, qweight=qw.qweight, bits=4))
+    OPS[OP].reserve(dict(x=x, out_features=12))
+    assert calls == [12, 12]

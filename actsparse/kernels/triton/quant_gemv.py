@@ -302,3 +302,12 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
     _finish_kernel[finish](ws, y, y, y, bias if bias is not None else ws, ws, ws, n, 0, 0, n, NUM_OUT=1,
                            HAS_B0=bias is not None, HAS_B1=False, HAS_B2=False, BLOCK=FINISH_BLOCK, num_warps=4)
     return y
+
+
+def reserve_buffers(device: torch.device, n: int, max_rows: int = rt.MAX_ROWS) -> None:
+    """Allocate the cached workspace for outputs of width ``n``, outside any CUDA-graph pool.
+
+    Same reason as the bf16 kernel's: a cached buffer first allocated during a CUDA-graph
+    tree's warm-up would live in the tree's private pool without being a graph output.
+    """
+    rt.zeroed_buffer("quant_gemv", max_rows * int(n), torch.float32, device)
