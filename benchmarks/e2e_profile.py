@@ -11,6 +11,10 @@ graphs shrink but do not remove. Kernel counts per token tell how many launches 
 
     python -m benchmarks.e2e_profile --sparsity 0.5 --out $OUT/e2e_profile_h100.json
 
+``--quant int8|int4|torchao-int8`` profiles quantized weights instead (``benchmarks.e2e_quant``'s
+models): the bf16 model dense, the quantized copy dense, and the quantized copy sparse at each
+sparsity, with the plan calibrated on the bf16 model. Its rows have no ``limit_tok_s``.
+
 Rows: ``{"variant", "batch", "sparsity", "tok_s", "vs_dense", "limit_tok_s", "wall_us",
 "busy_us", "idle_us", "kernels", "by_kind": {kind: {"us", "count"}}, "top": [...]}``, per token;
 ``top`` lists the kernels that take the most time, by name.
@@ -119,6 +123,31 @@ def profile_step_kernels(model, backend, ids: torch.Tensor, steps: int) -> tuple
     return kernels, wall
 
 
+QUANT = ("int8", "int4", "torchao-int8")
+
+
+def quantized_copy(args, quant: str):
+    """The same random weights (same seed) quantized as ``benchmarks.e2e_quant`` does."""
+    import actsparse
+    from actsparse.models import shaped
+
+    model = shaped(args.model, dtype=torch.bfloat16, device="cuda", num_layers=args.layers)
+    if quant == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        head = model.get_output_embeddings()
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+        return model
+    return actsparse.quantize(model, bits=int(quant[3:]))
+
+
+def quant_variants(sparsities, quant: str) -> list[tuple[str, float | None, bool]]:
+    """(variant, sparsity, on the quantized copy) for ``--quant``: bf16 dense first (the
+    baseline of ``vs_dense``), the quantized copy dense, then sparse at each sparsity."""
+    return ([("dense", None, False), (f"dense-{quant}", None, True)]
+            + [(f"sparse-{quant}-{s:.0%}", s, True) for s in sparsities])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e_profile", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama3-8b")
@@ -130,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rewrites to measure by their absence: each sparse row again without it (gqa "
                         "also adds the dense model through the backend with an empty plan, the "
                         "rewrite's own gain)")
+    p.add_argument("--quant", choices=QUANT, default=None,
+                   help="profile a quantized copy (dense and sparse) beside the bf16 model instead of the ablations")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -155,21 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, 32), device="cuda", generator=g)
     dense_tok_s = None
     plans: dict[float, actsparse.SparsityPlan] = {0.0: actsparse.SparsityPlan()}
-    for name, s, opts in ablation_variants(args.sparsity, args.ablate):
+    if args.quant:
+        plans.update({s: calibrate_on_tokens(model, calib, s) for s in args.sparsity})  # on the bf16 model
+        qmodel = quantized_copy(args, args.quant)
+        variants = [(name, s, {}, qmodel if on_q else model) for name, s, on_q in quant_variants(args.sparsity, args.quant)]
+    else:
+        variants = [(name, s, opts, model) for name, s, opts in ablation_variants(args.sparsity, args.ablate)]
+    for name, s, opts, m in variants:
         plan = None
         if s is not None:
             if s not in plans:
-                plans[s] = calibrate_on_tokens(model, calib, s)
+                plans[s] = calibrate_on_tokens(m, calib, s)
             plan = plans[s]
-            actsparse.prepare(model, plan)
+            if m is model:  # quantized weights are stored input-major already
+                actsparse.prepare(m, plan)
         backend = actsparse.backend(plan, cudagraphs=True, **opts) if plan is not None else _dense_backend()
-        kernels, wall = profile_step_kernels(model, backend, ids, args.steps)
+        kernels, wall = profile_step_kernels(m, backend, ids, args.steps)
         row = summarize(kernels, args.steps * args.batch, wall)
         tok_s = 1e6 / wall
         dense_tok_s = dense_tok_s or tok_s
         row = {"variant": name, "batch": args.batch, "options": opts,
                "sparsity": s or 0.0, "tok_s": tok_s, "vs_dense": tok_s / dense_tok_s,
-               "limit_tok_s": limit_tok_s(bytes_per_step(model, plan, args.batch), gemv_bw, args.batch), **row}
+               "limit_tok_s": None if m is not model else limit_tok_s(bytes_per_step(m, plan, args.batch), gemv_bw,
+                                                                      args.batch), **row}
         res["rows"].append(row)
         write_json(out, res)
         kinds = "  ".join(f"{k} {v['us']:.0f}us/{v['count']:.0f}" for k, v in row["by_kind"].items())

@@ -63,3 +63,15 @@ def test_ablation_variants_keep_the_main_rows_first():
     assert rows[0][1] is None and rows[3][1] == 0.0
     assert rows[4][2] == {"gqa_attention": False} and rows[6][2] == {"fuse_gated_product": False}
     assert [r[0] for r in ablation_variants([0.5], [])] == ["dense", "sparse-50%"]
+
+
+def test_quant_variants_put_the_baselines_first():
+    rows = ep.quant_variants([0.5, 0.4], "torchao-int8")
+    assert rows == [("dense", None, False), ("dense-torchao-int8", None, True),
+                    ("sparse-torchao-int8-50%", 0.5, True), ("sparse-torchao-int8-40%", 0.4, True)]
+
+
+def test_quant_choice_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ep.main(["--quant", "int3", "--out", str(tmp_path / "p.json")])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
