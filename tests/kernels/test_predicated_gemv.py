@@ -1,8 +1,9 @@
 """The predicated sparse GEMV family (``predicated_gemv``) against the ops' pure-torch reference,
 in Triton's CPU interpreter, and the per-key choice between it and the compacting kernel.
 
-Odd shapes (tails in K and N, several K splits so the atomics and the finishing launch's
-workspace reset are exercised), fp32/bf16/fp16, 1 and 2..16 rows, all-zero and all-active
+Both variants: with the finishing launch ("predicated") and with the last program finishing
+("elect"). Odd shapes (tails in K and N, several K splits so the atomics, the counters and
+the workspace reset are exercised), fp32/bf16/fp16, 1 and 2..16 rows, all-zero and all-active
 inputs, biases, row scales, per-channel thresholds, 1 and 3 outputs.
 """
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+FAMILIES = ["predicated", "elect"]
 CONFIGS = [  # interpreter-sized: several unrolled tiles, one tile, one program over all of K
     dict(BLOCK_K=16, BLOCK_N=32, TILES=2, num_warps=4),
     dict(BLOCK_K=16, BLOCK_N=16, TILES=1, num_warps=4, SKIP_EMPTY=False),
@@ -50,7 +52,8 @@ def cutoff(x, sparsity):
     return float(torch.quantile(x.abs().float().flatten(), sparsity))
 
 
-def case(M, K, ns, dtype, seed, sparsity=0.5, bias=True, row_scale=False, config=None, x=None, cts=None):
+def case(M, K, ns, dtype, seed, sparsity=0.5, bias=True, row_scale=False, config=None, x=None, cts=None,
+         family="predicated"):
     g = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(M, K, generator=g).to(dtype)
@@ -59,9 +62,9 @@ def case(M, K, ns, dtype, seed, sparsity=0.5, bias=True, row_scale=False, config
     bs = [(torch.randn(n, generator=g).to(dtype) if bias and i != 1 else None) for i, n in enumerate(ns)]
     ths = [cutoff(x, sparsity) * (1 + 0.1 * i) for i in range(len(ns))]
     rs = (torch.rand(M, generator=g) + 0.5) if row_scale else None
-    out = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=config, family="predicated",
+    out = sg.launch_sparse_linear(x, ws, bs, ths, rs, config=config, family=family,
                                   channel_thresholds=cts)
-    assert sg.last_family() == "predicated"
+    assert sg.last_family() == family
     ref = sparse_linear_reference(x, ws, bs, [t if c is None else c for t, c in
                                               zip(ths, cts or [None] * len(ns))], scale=rs)
     for o, r in zip(out, ref):
@@ -71,26 +74,30 @@ def case(M, K, ns, dtype, seed, sparsity=0.5, bias=True, row_scale=False, config
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
-def test_predicated_grid(dtype, M):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predicated_grid(dtype, M, family):
     i = DTYPES.index(dtype) * 5 + M
     case(M, [17, 40, 72, 136][i % 4], [24] if i % 3 else [56, 24, 8], dtype, seed=i,
-         sparsity=[0.0, 0.5, 0.9][i % 3], bias=i % 2 == 0, row_scale=i % 5 < 3, config=CONFIGS[i % len(CONFIGS)])
+         sparsity=[0.0, 0.5, 0.9][i % 3], bias=i % 2 == 0, row_scale=i % 5 < 3, config=CONFIGS[i % len(CONFIGS)],
+         family=family)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS + [M1_CONFIG], ids=lambda c: f"k{c['BLOCK_K']}n{c['BLOCK_N']}t{c['TILES']}")
-def test_batch_one_odd_shapes(dtype, config):
-    case(1, 53, [37, 13, 29], dtype, seed=3, sparsity=0.6, row_scale=True, config=config)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_one_odd_shapes(dtype, config, family):
+    case(1, 53, [37, 13, 29], dtype, seed=3, sparsity=0.6, row_scale=True, config=config, family=family)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 3])
-def test_all_zero_input_gives_bias(dtype, M):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_zero_input_gives_bias(dtype, M, family):
     x = torch.zeros(M, 40, dtype=dtype)
-    out, _, bs = case(M, 40, [24, 8], dtype, seed=1, sparsity=0.5, x=x)
+    out, _, bs = case(M, 40, [24, 8], dtype, seed=1, sparsity=0.5, x=x, family=family)
     torch.testing.assert_close(out[0], bs[0].expand(M, -1))
     assert torch.count_nonzero(out[1]) == 0  # no bias on the second output
-    out, _, _ = case(M, 40, [24, 8], dtype, seed=2, sparsity=1.0)  # threshold above every |x|
+    out, _, _ = case(M, 40, [24, 8], dtype, seed=2, sparsity=1.0, family=family)  # threshold above every |x|
     assert torch.count_nonzero(out[1]) == 0
 
 
@@ -106,13 +113,14 @@ def test_all_active_input_is_dense(dtype, M):
 
 
 @pytest.mark.parametrize("M", [1, 16])
-def test_channel_thresholds(M):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_thresholds(M, family):
     g = torch.Generator().manual_seed(9)
     ct0 = torch.rand(72, generator=g) * 1.5
     ct0[::7] = 0.0
     cts = [ct0, None, torch.full((72,), 1e30)]
     out, _, _ = case(M, 72, [56, 24, 40], torch.bfloat16, seed=9, bias=False, row_scale=M > 1, config=CONFIGS[0],
-                     cts=cts)
+                     cts=cts, family=family)
     assert torch.count_nonzero(out[2]) == 0
 
 
@@ -227,11 +235,54 @@ def test_launch_chooses_the_faster_family_per_key(monkeypatch):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_programs_with_no_active_channel_add_nothing(M):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_programs_with_no_active_channel_add_nothing(M, family):
     """Channels 0..47 zero in every row: the programs over them skip their atomics (SKIP_EMPTY),
     the others add theirs; the sums stay exact."""
     g = torch.Generator().manual_seed(13)
     x = torch.randn(M, 100, generator=g)
     x[:, :48] = 0
     for cfg in (CONFIGS[0], dict(CONFIGS[0], SKIP_EMPTY=False)):
-        case(M, 100, [40, 24], torch.float32, seed=13, sparsity=0.3, x=x, config=cfg)
+        case(M, 100, [40, 24], torch.float32, seed=13, sparsity=0.3, x=x, config=cfg, family=family)
+
+
+@pytest.mark.parametrize("epilogue", [None, "silu"])
+def test_elect_leaves_counters_and_sums_at_zero(epilogue):
+    """The last program resets its block's counter and sums: a second call, and a call of the
+    other variants on the same buffers, see clean state and give the same result."""
+    from actsparse.kernels.triton import _runtime as rt
+
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 72, generator=g)
+    ws = [torch.randn(40, 72, generator=g) / 4 for _ in range(2)]
+    outs = {}
+    for fam in ("elect", "predicated", "elect"):
+        outs.setdefault(fam, []).append(sg.launch_sparse_linear(x, ws, [None, None], [0.4, 0.5], family=fam,
+                                                                epilogue=epilogue, config=CONFIGS[0]))
+        for name in ("ws", "pcnt"):
+            buf = rt._BUFFERS.get((name, torch.float32 if name == "ws" else torch.int32, "cpu", None))
+            assert buf is not None and torch.count_nonzero(buf) == 0, name
+    for a, b in zip(outs["elect"][0] + outs["predicated"][0], outs["elect"][1] + outs["predicated"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    ref = sparse_linear_reference(x, ws, [None, None], [0.4, 0.5])
+    want = [torch.nn.functional.silu(ref[0]) * ref[1]] if epilogue else ref
+    for o, r in zip(outs["elect"][0], want):
+        assert_close(o, r, torch.float32)
+
+
+def test_elect_is_forced_not_chosen():
+    """Until timed on a GPU, the per-key choice leaves the elect variant out; forcing reaches it."""
+    assert "elect" in sg.FAMILIES and "elect" not in sg.CHOSEN_FAMILIES
+    x = torch.randn(1, 40)
+    w = torch.randn(24, 40)
+    with sg.forced_family("elect"):
+        (y,) = sg.launch_sparse_linear(x, [w], [None], [0.5])
+        assert sg.last_family() == "elect"
+        sg.launch_sparse_linear(x, [w], [None], [0.5], config=dict(CONFIGS[0]))
+        assert sg.last_family() == "elect"
+    assert_close(y, sparse_linear_reference(x, [w], [None], [0.5])[0], torch.float32)
+
+
+def test_small_block_n_refused():
+    with pytest.raises(ValueError, match="BLOCK_N >= 16"):
+        pg.check_config(dict(BLOCK_K=16, BLOCK_N=8, TILES=1), 1)

@@ -46,7 +46,7 @@ def test_every_branch_matches_the_reference(path, act, m, k, n, per_token):
 
 
 @interpreted
-@pytest.mark.parametrize("family", ["compact", "predicated"])
+@pytest.mark.parametrize("family", ["compact", "predicated", "elect"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 4])
 def test_kernel_epilogue_in_both_families(family, dtype, m):

@@ -415,7 +415,7 @@ def launch_sparse_linear(
     `channel_thresholds[i]`, where given, is a 1-D fp32 tensor of K per-channel cutoffs that
     replaces the scalar `thresholds[i]` (still multiplied by `row_scale` per row).
 
-    `family`: "compact" (this module's kernel), "predicated" (``predicated_gemv``) or None:
+    `family`: "compact" (this module's kernel), "predicated" or "elect" (``predicated_gemv``) or None:
     the one `forced_family` names, else "compact" with a pinned config, else the faster of the
     two for this shape, batch bucket and sparsity bucket (`choose_family`).
     """
@@ -481,7 +481,8 @@ def launch_sparse_linear(
     fkey = None
     if fam is None:
         fkey = (K, tuple(ns), *key, x.dtype, w_dtype, out_dtype, rs is not None, tuple(has_ct), epilogue)
-        fam = choose_family(fkey, {f: (lambda f=f: _run_family(f, common, ns, M, m_pad, None)) for f in FAMILIES})
+        fam = choose_family(fkey, {f: (lambda f=f: _run_family(f, common, ns, M, m_pad, None))
+                                   for f in CHOSEN_FAMILIES})
     if fam not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
     global _LAST_FAMILY, _LAST_KEY
@@ -507,10 +508,10 @@ _TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.relu, "gel
 
 
 def _run_family(fam: str, common: dict, ns: Sequence[int], M: int, m_pad: int, config: Optional[dict]) -> None:
-    if fam == "predicated":
+    if fam in ("predicated", "elect"):
         from actsparse.kernels.triton import predicated_gemv
 
-        predicated_gemv.launch(common, ns, M, m_pad, config)
+        predicated_gemv.launch(common, ns, M, m_pad, config, elect=fam == "elect")
     else:
         _launch_compact(common, ns, M, m_pad, config)
         if common["epilogue"]:  # the compacting kernel writes gate and up: the product after it
@@ -550,9 +551,12 @@ def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config:
 # Family choice
 # ----------------------------------------------------------------------------------------------
 
-#: The kernel families a call can run: compacted index lists (this module) or predicated loads
-#: with a finishing launch (``predicated_gemv``).
-FAMILIES = ("compact", "predicated")
+#: The kernel families a call can run: compacted index lists (this module), predicated loads
+#: with a finishing launch, or predicated loads whose last program finishes (``predicated_gemv``).
+FAMILIES = ("compact", "predicated", "elect")
+#: The families timed for the per-key choice. "elect" is run only where forced until a GPU run
+#: has timed it against the others and checked it.
+CHOSEN_FAMILIES = ("compact", "predicated")
 _FORCED_FAMILY: Optional[str] = None
 _LAST_FAMILY: Optional[str] = None
 _LAST_KEY: Optional[tuple] = None
@@ -578,7 +582,9 @@ def _family_of(config: Optional[dict]) -> Optional[str]:
     """The family a pinned config belongs to (its tile parameters say it)."""
     if config is None:
         return None
-    return "predicated" if "TILES" in config else "compact"
+    if "TILES" not in config:
+        return "compact"
+    return "elect" if _FORCED_FAMILY == "elect" else "predicated"
 
 
 def last_family() -> Optional[str]:
@@ -635,3 +641,6 @@ def reserve_buffers(device: torch.device, k: int, ns: Sequence[int], max_rows: i
     rt.zeroed_buffer("ws", max_rows * n_total, torch.float32, device)
     rt.zeroed_buffer("cnt", sum(triton.cdiv(int(n), MIN_BLOCK_N) for n in ns), torch.int32, device)
     rt.scratch_buffer("idx", len(ns) * int(k), torch.int32, device)
+    from actsparse.kernels.triton import predicated_gemv
+
+    rt.zeroed_buffer("pcnt", predicated_gemv.counters(ns), torch.int32, device)
