@@ -194,6 +194,13 @@ def ablation_variants(sparsities, ablate) -> list[tuple[str, float | None, dict]
     return rows
 
 
+def forced_family(family):
+    """Every sparse GEMV of the block runs ``family`` (None: the per-key choice)."""
+    from actsparse.kernels.triton.sparse_gemv import forced_family as forced
+
+    return forced(family)
+
+
 def _dense_backend():
     """Dense baseline for the lean loop: Inductor with CUDA graphs."""
     from torch._inductor.compile_fx import compile_fx
@@ -222,6 +229,9 @@ def main(argv=None) -> int:
                    help="rewrites to measure by their absence: each sparse row again without it (gqa "
                         "also adds the dense model through the backend with an empty plan, the "
                         "rewrite's own gain)")
+    p.add_argument("--force-family", nargs="*", choices=["compact", "predicated", "elect"], default=[],
+                   help="each sparse row again with every sparse GEMV forced to this kernel family (and the "
+                        "correctness check again under it)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t_start = time.time()
@@ -245,6 +255,10 @@ def main(argv=None) -> int:
     if args.check:
         res["correctness"] = check_correctness()
         print("correctness:", res["correctness"], flush=True)
+        for fam in args.force_family:
+            with forced_family(fam):
+                res[f"correctness_{fam}"] = check_correctness()
+            print(f"correctness ({fam}):", res[f"correctness_{fam}"], flush=True)
         save()
     model = shaped(args.model, dtype=torch.bfloat16, device="cuda", num_layers=args.layers)
     model.generation_config.pad_token_id = model.config.pad_token_id
@@ -268,26 +282,31 @@ def main(argv=None) -> int:
         ids = torch.randint(0, 128000, (batch, 32), device="cuda", generator=g)
         variants = [(name, None if sp is None else plans.get(sp, actsparse.SparsityPlan()), opts)
                     for name, sp, opts in ablation_variants(args.sparsity, args.ablate)]
+        variants += [(f"sparse-{s:.0%}-{fam}", plans[s], {"family": fam})
+                     for fam in args.force_family for s in args.sparsity]
         dense_rate = None
         for name, plan, opts in variants:
             if time.time() - t_start > args.budget_s:
                 res.setdefault("skipped", []).append(f"{name} batch {batch}: out of time")
                 continue
+            fam = opts.get("family")
+            be_opts = {k: v for k, v in opts.items() if k != "family"}
             if plan is None:
                 cfg = dense_cfg
             else:
                 actsparse.prepare(model, plan)
-                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True, **opts), mode=None,
+                cfg = CompileConfig(backend=actsparse.backend(plan, cudagraphs=True, **be_opts), mode=None,
                                     fullgraph=True)
             torch._dynamo.reset()
             t0 = time.time()
-            if args.loop in ("lean", "greedy"):
-                be = (actsparse.backend(plan, cudagraphs=True, **opts) if plan is not None else
-                      _dense_backend())
-                rate = lean_decode_rate if args.loop == "lean" else greedy_decode_rate
-                r = {"tokens_per_s": rate(model, be, ids, args.new_tokens, args.repeats)}
-            else:
-                r = time_decode(model, ids, args.new_tokens, args.repeats, compile_config=cfg)
+            with forced_family(fam):
+                if args.loop in ("lean", "greedy"):
+                    be = (actsparse.backend(plan, cudagraphs=True, **be_opts) if plan is not None else
+                          _dense_backend())
+                    rate = lean_decode_rate if args.loop == "lean" else greedy_decode_rate
+                    r = {"tokens_per_s": rate(model, be, ids, args.new_tokens, args.repeats)}
+                else:
+                    r = time_decode(model, ids, args.new_tokens, args.repeats, compile_config=cfg)
             r.pop("tokens", None)
             r["loop"] = args.loop
             step_bytes = bytes_per_step(model, plan, batch)
