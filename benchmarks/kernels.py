@@ -291,12 +291,50 @@ def gpu_selfcheck(log) -> list:
         out.append(dict(kind="gated-epilogue", act=act, M=M, config=as_dict(c), errs=[e], ok=ok))
         if not ok:
             log(f"SELFCHECK FAIL gated epilogue {act} M={M} cfg={_short(c)} err={e}")
+    out += elect_selfcheck(case, as_dict, log, tol, g)
     try:
         out += cats_selfcheck(log, tol, g)
     except Exception as e:
         log(f"CATS selfcheck crashed: {e!r}")
         out.append(dict(kind="cats", ok=False, error=repr(e)))
     log(f"selfcheck: {sum(r['ok'] for r in out)}/{len(out)} cases within tolerance")
+    return out
+
+
+def elect_selfcheck(case, as_dict, log, tol, g) -> list:
+    """The predicated kernel finished by its last program ("elect" family): linear cases through
+    ``case``, repeated calls (a race on the counters shows as differing outputs) and the gated
+    product, each against the fp32 reference."""
+    from actsparse.kernels.triton import predicated_gemv as pg
+    from actsparse.kernels.triton import sparse_gemv as sg
+    from actsparse.ops.reference import gated_product_reference
+
+    out = []
+    with sg.forced_family("elect"):  # a pinned predicated config runs the elect kernel
+        for M, c in ((1, pg.CONFIGS_M1[0]), (1, pg.CONFIGS_M1[9]), (1, pg.CONFIGS_M1[-1]), (5, pg.CONFIGS_DOT[0]),
+                     (16, pg.CONFIGS_DOT[-1])):
+            case(torch.bfloat16, M, 4104, [4096, 1024, 1032], as_dict(c), row_scale=True)
+        x = torch.randn(5, 4104, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(4096, 4104, device="cuda", generator=g) / 8).to(torch.bfloat16).t().contiguous().t()
+        for c, xx in ((pg.CONFIGS_DOT[0], x), (pg.CONFIGS_M1[0], x[:1]), (pg.CONFIGS_M1[9], x[:1])):
+            ys = [sg.launch_sparse_linear(xx, [w], [None], [0.5], config=as_dict(c))[0] for _ in range(5)]
+            assert sg.last_family() == "elect"
+            ref = masked_ref(xx.float(), 0.5) @ w.float().t()
+            errs = [rel_err(y, ref) for y in ys]
+            distinct = len({bytes(y.view(torch.int16).cpu().numpy().tobytes()) for y in ys})
+            out.append(dict(kind="determinism-elect", config=as_dict(c), distinct_outputs=distinct, errs=errs,
+                            ok=max(errs) < tol[torch.bfloat16]))
+            log(f"determinism elect {_short(c)}: {distinct} distinct outputs of 5, errs {[f'{e:.1e}' for e in errs]}")
+        for (M, c), act in itertools.product(((1, pg.CONFIGS_M1[0]), (5, pg.CONFIGS_DOT[0])), ("silu", "gelu_tanh")):
+            x = torch.randn(M, 4104, device="cuda", generator=g).to(torch.bfloat16)
+            ws = [(torch.randn(1032, 4104, device="cuda", generator=g) / 8).to(torch.bfloat16).t().contiguous().t()
+                  for _ in range(2)]
+            h = sg.launch_sparse_linear(x, ws, [None, None], [0.3, 0.8], config=as_dict(c), epilogue=act)[0]
+            e = rel_err(h, gated_product_reference(x.float(), [w.float() for w in ws], [0.3, 0.8], act))
+            out.append(dict(kind="gated-epilogue-elect", act=act, M=M, config=as_dict(c), errs=[e],
+                            ok=e < 2 * tol[torch.bfloat16]))
+            if not out[-1]["ok"]:
+                log(f"SELFCHECK FAIL elect gated epilogue {act} M={M} cfg={_short(c)} err={e}")
     return out
 
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sparsities", nargs="+", type=float, default=SPARSITIES)
     p.add_argument("--max-seconds", type=float, default=400)
-    p.add_argument("--families", nargs="*", default=None, choices=["compact", "predicated"],
+    p.add_argument("--families", nargs="*", default=None, choices=["compact", "predicated", "elect"],
                    help="also time each of our kernel families alone (columns <family>_us, <family>_x)")
     a = p.parse_args(argv)
     from actsparse.kernels.triton import sparse_gemv as sg
