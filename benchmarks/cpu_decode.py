@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: a random model of these Llama-3 shapes (actsparse.models.shaped, e.g. llama3-1b) "
                         "with ReLU MLPs, dense compiled against its exact plan")
     p.add_argument("--layers", type=int, default=None, help="--random-relu: number of decoder layers")
+    p.add_argument("--mlp-sparsity", type=float, default=None,
+                   help="--random-relu: shifted ReLU calibrated to this MLP sparsity on random tokens (a stand-in "
+                        "for a fine-tuned relufied model), timed beside the original SiLU model compiled dense")
     p.add_argument("--ablate", nargs="*", default=[], choices=["gqa", "fuse"],
                    help="with --methods: each sparse variant again without that rewrite (gqa_attention, "
                         "fuse_gated_product), timed in the same rounds")
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ablate and not args.methods:
         p.error("--ablate takes --methods (the interleaved comparison)")
+    if args.mlp_sparsity is not None and (not args.random_relu or not 0 < args.mlp_sparsity < 1):
+        p.error("--mlp-sparsity takes --random-relu and a value in (0, 1)")
 
     if args.random_relu:
         if args.threads:
@@ -454,14 +459,25 @@ def random_relu_run(args, result: dict[str, Any]) -> tuple[torch.Tensor, int]:
     from actsparse.models import shaped
 
     model = shaped(args.random_relu, dtype=torch.float32, device="cpu", num_layers=args.layers)
-    relu, plan = actsparse.relufy(model, "relu")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen)
     cache_len = ids.shape[1] + args.new_tokens + 8
-    result.update(cpu=result["device"], model=f"random {args.random_relu}-shaped, ReLU MLPs",
-                  layers=model.config.num_hidden_layers, prompt_tokens=ids.shape[1],
-                  weights="random N(0, 1/fan_in), no fine-tune: ReLU zeroes about half the neurons")
-    interleaved_relu_run([], relu, plan, "relu", ids, cache_len, args, result)
+    result.update(cpu=result["device"], layers=model.config.num_hidden_layers, prompt_tokens=ids.shape[1])
+    if args.mlp_sparsity is None:
+        relu, plan = actsparse.relufy(model, "relu")
+        result.update(model=f"random {args.random_relu}-shaped, ReLU MLPs",
+                      weights="random N(0, 1/fan_in), no fine-tune: ReLU zeroes about half the neurons")
+        interleaved_relu_run([], relu, plan, "relu", ids, cache_len, args, result)
+        return ids, cache_len
+    import copy
+
+    calib = torch.randint(0, model.config.vocab_size, (1, 512), generator=gen)
+    relu, plan = actsparse.relufy(copy.deepcopy(model), "shifted-relu", tokens=calib, sparsity=args.mlp_sparsity)
+    result.update(model=f"random {args.random_relu}-shaped, shifted-ReLU MLPs",
+                  weights=f"random N(0, 1/fan_in); shifted ReLU calibrated to {args.mlp_sparsity:.0%} MLP zeros on "
+                          "512 random tokens, standing in for a fine-tuned relufied model")
+    interleaved_relu_run([("dense (inductor)", model, "inductor", None, 0.0)], relu, plan, "shifted-relu", ids,
+                         cache_len, args, result)
     return ids, cache_len
 
 

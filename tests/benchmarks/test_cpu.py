@@ -109,7 +109,7 @@ def test_random_relu_run_rows(monkeypatch):
     from benchmarks.cpu_decode import random_relu_run
 
     monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
-    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2)
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=None)
     result = {"device": "CPU", "rows": []}
     random_relu_run(args, result)
     dense, exact = result["rows"]
@@ -117,6 +117,33 @@ def test_random_relu_run_rows(monkeypatch):
     assert 0.2 < exact["sparsity"] < 0.8  # random weights: about half the neurons are zero
     assert 0 < exact["weight_bytes_fraction"] < 1 and exact["speedup_bound_from_bytes"] > 1
     assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+
+
+def test_random_shifted_relu_run_has_the_silu_baseline(monkeypatch):
+    """With --mlp-sparsity: the original SiLU model dense first, then the shifted-ReLU model
+    dense and with its exact plan, at about the asked MLP sparsity."""
+    import argparse
+
+    import actsparse.models as models
+    from benchmarks.cpu_decode import random_relu_run
+
+    monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=0.8)
+    result = {"device": "CPU", "rows": []}
+    random_relu_run(args, result)
+    assert [r["variant"] for r in result["rows"]] == ["dense (inductor)", "shifted-relu dense (inductor)",
+                                                      "shifted-relu exact (sparse)"]
+    exact = result["rows"][-1]
+    assert 0.6 < exact["sparsity"] < 0.95 and "shifted-ReLU" in result["model"]
+    assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+
+
+def test_mlp_sparsity_needs_random_relu(capsys):
+    from benchmarks.cpu_decode import main
+
+    with pytest.raises(SystemExit):
+        main(["--mlp-sparsity", "0.8"])
+    assert "--mlp-sparsity takes --random-relu" in capsys.readouterr().err
 
 
 def test_methods_run_interleaves_every_method(tmp_path):
