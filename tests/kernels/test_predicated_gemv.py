@@ -271,7 +271,7 @@ def test_elect_leaves_counters_and_sums_at_zero(epilogue):
 
 
 def test_elect_is_forced_not_chosen():
-    """Until timed on a GPU, the per-key choice leaves the elect variant out; forcing reaches it."""
+    """The per-key choice leaves the elect variant out (slower on the GPU); forcing reaches it."""
     assert "elect" in sg.FAMILIES and "elect" not in sg.CHOSEN_FAMILIES
     x = torch.randn(1, 40)
     w = torch.randn(24, 40)

@@ -28,7 +28,8 @@ The "elect" variant (its own family, ``launch(..., elect=True)``) drops the fini
 each program bumps a counter per output block after its partial sums, and the last to arrive
 reads the sums, resets them and the counter, and writes y (or the gated product). It trades a
 launch (and the gap before it) for one counter round trip per program, as the compacting kernel
-does, but keeps the predicated loads.
+does, but keeps the predicated loads. Measured on the GPU that trade loses (many small programs
+share each counter), so the launcher runs it only where forced.
 
 1 row uses fp32 FMAs; 2..16 rows one ``tl.dot`` per tile on the rows padded to 16 (the union of
 the rows' masks predicates the loads). Which family runs for a shape, batch bucket and

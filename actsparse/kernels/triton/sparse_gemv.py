@@ -554,8 +554,8 @@ def _launch_compact(common: dict, ns: Sequence[int], M: int, m_pad: int, config:
 #: The kernel families a call can run: compacted index lists (this module), predicated loads
 #: with a finishing launch, or predicated loads whose last program finishes (``predicated_gemv``).
 FAMILIES = ("compact", "predicated", "elect")
-#: The families timed for the per-key choice. "elect" is run only where forced until a GPU run
-#: has timed it against the others and checked it.
+#: The families timed for the per-key choice. "elect" runs only where forced: on the GPU its
+#: counter round trip per program cost more than the finishing launch it saves.
 CHOSEN_FAMILIES = ("compact", "predicated")
 _FORCED_FAMILY: Optional[str] = None
 _LAST_FAMILY: Optional[str] = None
