@@ -77,9 +77,15 @@ class QuantMaskObserver(MaskObserver):
         acc[1] += mask.shape[0]
 
 
-def variants(group_size: int) -> list[tuple[str, int | None, int | None]]:
+#: ``--int4-clip`` choices: label suffix and ``actsparse.quantize`` options ("mse-act" adds the
+#: calibration tokens, which weight each input channel's error by its activations).
+INT4_CLIPS = {"minmax": ("", {}), "mse": ("-mse", {"clip": "mse"}), "mse-act": ("-mseact", {"clip": "mse"})}
+
+
+def variants(group_size: int, int4_clip: str = "minmax") -> list[tuple[str, int | None, int | None]]:
     """(label, bits, group_size) of each weight format evaluated."""
-    return [("fp32", None, None), ("int8", 8, None), (f"int4-g{group_size}", 4, group_size)]
+    return [("fp32", None, None), ("int8", 8, None),
+            (f"int4-g{group_size}{INT4_CLIPS[int4_clip][0]}", 4, group_size)]
 
 
 def run_model(name: str, args, out: Path) -> dict:
@@ -106,12 +112,17 @@ def run_model(name: str, args, out: Path) -> dict:
         log(f"{name}: calibrated on {label} in {data['calibration_seconds'][label]} s")
         return {t: cal.plan(METHOD, t) for t in args.targets}, sum(s.params for s in masked_sites(cal.sites))
 
-    formats = [v for v in variants(args.group_size) if v[0].split("-")[0] in args.formats]
+    formats = [v for v in variants(args.group_size, args.int4_clip) if v[0].split("-")[0] in args.formats]
+    clip_opts = dict(INT4_CLIPS[args.int4_clip][1])
+    if args.int4_clip == "mse-act":  # the calibration text, as the plans use it
+        ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.calib_tokens]
+        clip_opts["tokens"] = ids[:, : ids.shape[1] // args.window * args.window].reshape(-1, args.window)
     plans, total = {}, None
     if args.plan_on == "fp32" and any((v[0], t) not in done for v in formats for t in args.targets):
         plans, total = calibrate(base, "fp32")
     for label, bits, gs in formats:
-        model = base if bits is None else actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs)
+        model = base if bits is None else actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs,
+                                                             **(clip_opts if bits == 4 else {}))
         if args.plan_on == "self" and any((label, t) not in done for t in args.targets):
             plans, total = calibrate(model, label)
         for target in (None, *args.targets):
@@ -166,7 +177,7 @@ def _config(args, split: dict) -> dict:
             "calibration_text": split["calibration"], "evaluation_text": split["evaluation"],
             "calibration_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "window": args.window,
             "method": METHOD, "targets": list(args.targets), "greedy_step": args.greedy_step,
-            "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size,
+            "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size, "int4_clip": args.int4_clip,
             "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies"
                     if args.plan_on == "fp32" else "calibrated on each format's own model",
             "compiler": "actsparse backend, compiler='eager' (masked graph without Inductor)",
@@ -188,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
              "format's plan calibrated on that format's own model (sparse rows only), to tell the "
              "plan transfer's share of the cost from quantization's own")
     add("--group-size", type=int, default=64, help="int4 input channels per scale (default: %(default)s)")
+    add("--int4-clip", choices=list(INT4_CLIPS), default="minmax",
+        help="int4 ranges: each group's min..max, the least-squared-error range, or that error "
+             "weighted by the calibration text's activations (actsparse.quantize's clip and tokens)")
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
     add("--calib-tokens", type=int, default=4096)

@@ -27,10 +27,11 @@ class QuantLinear(nn.Linear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None, clip: str = "minmax",
+                    importance: Tensor | None = None) -> "QuantLinear":
         from .storage import quantize_weight
 
-        return cls(quantize_weight(linear.weight, bits, group_size), linear.bias)
+        return cls(quantize_weight(linear.weight, bits, group_size, clip, importance), linear.bias)
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]

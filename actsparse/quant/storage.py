@@ -20,6 +20,13 @@ zero on channel k never reads row k.
 
 Scales and offsets keep the original weight's dtype; values are rounded against the stored
 (rounded) scales so the dequantised weight is within half a step of the original.
+
+int4's range per (group, output) is the group's min..max (``clip="minmax"``) or, with
+``clip="mse"``, that range shrunk by the factor of ``SHRINKS`` with the least squared error
+over the group, each input channel's error weighted by ``importance`` (the mean square of its
+activations, where known). Four bits cannot afford a range stretched by one outlier, and the
+channels that carry large activations are the ones a sparse model keeps, so their error weighs
+most.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from torch import Tensor
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
+CLIPS = ("minmax", "mse")
+#: Range factors ``clip="mse"`` tries for each int4 group.
+SHRINKS = tuple(1.0 - 0.05 * i for i in range(9))
 
 
 @dataclass
@@ -89,8 +99,18 @@ def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedWeight:
     return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, group_size or 0, n, k)
 
 
-def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
-    """Asymmetric int4, one (scale, offset) per group of input channels and output channel."""
+def _int4_range(wg: Tensor, lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes [groups, G, N], scales, offsets in ``dtype``) for the range lo..hi per (group, output)."""
+    span = hi - lo
+    scales = torch.where(span > 0, span / 15, torch.ones_like(span)).to(dtype)
+    offsets = lo.to(dtype)
+    q = torch.round((wg - offsets.float()[:, None]) / scales.float()[:, None]).clamp_(0, 15)
+    return q, scales, offsets
+
+
+def quantize_int4(w: Tensor, group_size: int, clip: str = "minmax", importance: Tensor | None = None) -> QuantizedWeight:
+    """Asymmetric int4, one (scale, offset) per group of input channels and output channel;
+    ``clip`` and ``importance`` [K] as in the module docstring."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
@@ -98,22 +118,38 @@ def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
         raise ValueError(f"int4 needs an even number of outputs (two per byte), got {n}")
     wg = w.detach().float().t().reshape(k // group_size, group_size, n)  # [groups, G, N], input-major
     lo, hi = wg.amin(dim=1), wg.amax(dim=1)
-    span = hi - lo
-    scales = torch.where(span > 0, span / 15, torch.ones_like(span)).to(w.dtype)
-    offsets = lo.to(w.dtype)
-    q = torch.round((wg - offsets.float()[:, None]) / scales.float()[:, None]).clamp_(0, 15)
+    if clip == "mse":
+        imp = torch.ones(k) if importance is None else importance.detach().float().reshape(-1).cpu()
+        imp = imp.to(wg.device).reshape(k // group_size, group_size, 1)
+        best = None
+        for f in SHRINKS:
+            q, sc, off = _int4_range(wg, lo * f, hi * f, w.dtype)
+            err = (imp * (q * sc.float()[:, None] + off.float()[:, None] - wg) ** 2).sum(dim=1)  # [groups, N]
+            if best is None:
+                best, factor = err, torch.full_like(err, f)
+            else:
+                better = err < best
+                best, factor = torch.where(better, err, best), torch.where(better, f, factor)
+        lo, hi = lo * factor, hi * factor
+    q, scales, offsets = _int4_range(wg, lo, hi, w.dtype)
     packed = pack_int4(q.reshape(k, n))
     return QuantizedWeight(packed, scales.contiguous(), offsets.contiguous(), 4, group_size, n, k)
 
 
-def quantize_weight(w: Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
-    """Quantize an nn.Linear weight [N, K] to the input-major storage."""
+def quantize_weight(w: Tensor, bits: int, group_size: int | None = None, clip: str = "minmax",
+                    importance: Tensor | None = None) -> QuantizedWeight:
+    """Quantize an nn.Linear weight [N, K] to the input-major storage (``clip``, ``importance``:
+    int4 only, see the module docstring)."""
     check_options(bits, group_size)
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D linear weight, got shape {tuple(w.shape)}")
+    if importance is not None and importance.numel() != w.shape[1]:
+        raise ValueError(f"importance needs one value per input channel ({w.shape[1]}), got {importance.numel()}")
     if bits == 8:
         return quantize_int8(w, group_size)
-    return quantize_int4(w, group_size or GROUP_SIZES[-1])
+    return quantize_int4(w, group_size or GROUP_SIZES[-1], clip, importance)
 
 
 def dequantize_input_major(qweight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int,

@@ -83,3 +83,13 @@ def test_variants_share_weights_and_quantize_the_head():
         for v in variants[1:3]:
             out = v["model"](ids).logits
             assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_int4_clip_variants_are_labelled():
+    from benchmarks.accuracy_quant import build_parser, variants
+
+    assert [v[0] for v in variants(64)] == ["fp32", "int8", "int4-g64"]
+    assert variants(32, "mse-act")[-1] == ("int4-g32-mseact", 4, 32)
+    assert build_parser().parse_args(["--int4-clip", "mse"]).int4_clip == "mse"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--int4-clip", "gptq"])

@@ -64,3 +64,32 @@ def test_quantize_twice_keeps_layers():
     model = actsparse.quantize(_model(), bits=8)
     with pytest.raises(ValueError, match="no nn.Linear"):
         actsparse.quantize(model, bits=8)
+
+
+def test_clip_search_weighted_by_activations():
+    """clip="mse" with tokens: every quantized linear keeps the same storage form, the hooks are
+    gone afterwards, and the model's logits are no further from the float model's than with
+    each group's full range on the tokens it was fitted on."""
+    base = _model()
+    ids = torch.randint(3, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+    full = actsparse.quantize(_model(), bits=4, group_size=32)
+    fit = actsparse.quantize(_model(), bits=4, group_size=32, clip="mse", tokens=ids)
+    assert all(not m._forward_pre_hooks for m in fit.modules())
+    lin = fit.model.layers[0].mlp.down_proj
+    assert isinstance(lin, QuantLinear) and lin.bits == 4 and lin.group_size == 32
+    with torch.no_grad():
+        err_full = float((full(ids).logits - ref).norm())
+        err_fit = float((fit(ids).logits - ref).norm())
+    assert err_fit < err_full
+
+
+def test_clip_options_are_validated():
+    with pytest.raises(ValueError, match="clip must be one of"):
+        actsparse.quantize(_model(), bits=4, clip="max")
+    ids = torch.randint(3, 100, (1, 8))
+    with pytest.raises(ValueError, match="tokens= weights int4's clip search"):
+        actsparse.quantize(_model(), bits=8, clip="mse", tokens=ids)
+    with pytest.raises(ValueError, match="tokens= weights int4's clip search"):
+        actsparse.quantize(_model(), bits=4, tokens=ids)

@@ -116,3 +116,48 @@ def test_int4_shape_errors():
         quantize_weight(torch.randn(4, 40), 4, 32)
     with pytest.raises(ValueError, match="even number"):
         quantize_weight(torch.randn(3, 32), 4, 32)
+
+
+def _weighted_err(w, qw, imp):
+    """Importance-weighted squared error per (group, output) of an int4 weight [N, K]."""
+    n, k = w.shape
+    g = qw.group_size
+    diff = (qw.dequantize() - w).t().reshape(k // g, g, n)
+    return (imp.reshape(k // g, g, 1) * diff ** 2).sum(1)
+
+
+@SETTINGS
+@given(groups=st.integers(1, 3), half=st.integers(1, 8), outlier=st.floats(1.0, 20.0), weighted=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_int4_mse_clip_never_worse_than_minmax(groups, half, outlier, weighted, seed):
+    """The fitted range has at most the full range's (weighted) error in every group and output:
+    the full range is one of the candidates."""
+    g = torch.Generator().manual_seed(seed)
+    k, n = 32 * groups, 2 * half
+    w = torch.randn(n, k, generator=g)
+    w[0, 0] *= outlier  # one wide value stretches its group's range
+    imp = torch.rand(k, generator=g) * 4 if weighted else torch.ones(k)
+    full = quantize_weight(w, 4, 32)
+    fit = quantize_weight(w, 4, 32, clip="mse", importance=imp if weighted else None)
+    assert torch.all(_weighted_err(w, fit, imp) <= _weighted_err(w, full, imp) * (1 + 1e-5) + 1e-9)
+
+
+def test_int4_mse_clip_follows_the_importance():
+    """A channel of zero importance may be clipped freely: the range fits the others better;
+    with uniform importance the outlier keeps the full range."""
+    w = torch.linspace(-1, 1, 32).repeat(2, 1)
+    w[:, 0] = -8.0  # far outside the rest
+    imp = torch.ones(32)
+    imp[0] = 0.0
+    fit = quantize_weight(w, 4, 32, clip="mse", importance=imp)
+    full = quantize_weight(w, 4, 32)
+    err = lambda q: float(((q.dequantize() - w)[:, 1:] ** 2).sum())  # noqa: E731
+    assert err(fit) < 0.75 * err(full)
+    assert torch.equal(quantize_weight(w, 4, 32, clip="mse").qweight, full.qweight)
+
+
+def test_clip_options_rejected():
+    with pytest.raises(ValueError, match="clip must be one of"):
+        quantize_weight(torch.randn(4, 32), 4, 32, clip="percentile")
+    with pytest.raises(ValueError, match="one value per input channel"):
+        quantize_weight(torch.randn(4, 32), 4, 32, clip="mse", importance=torch.ones(31))
