@@ -152,6 +152,25 @@ def quantize_weight(w: Tensor, bits: int, group_size: int | None = None, clip: s
     return quantize_int4(w, group_size or GROUP_SIZES[-1], clip, importance)
 
 
+def concat_outputs(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """The weights of several linears on one input as one weight with their outputs side by side
+    (q/k/v, gate/up): one call reads them all. They must share bits, group size and input width."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.in_features) != (first.bits, first.group_size, first.in_features):
+            raise ValueError(f"concat_outputs: formats differ: int{p.bits} g{p.group_size} k={p.in_features} "
+                             f"against int{first.bits} g{first.group_size} k={first.in_features}")
+    if first.bits == 4:  # half-split packing: repack the joined rows
+        qweight = pack_int4(torch.cat([unpack_int4(p.qweight) for p in parts], dim=1))
+    else:
+        qweight = torch.cat([p.qweight for p in parts], dim=1).contiguous()
+    axis = 0 if first.scales.dim() == 1 else 1
+    scales = torch.cat([p.scales for p in parts], dim=axis).contiguous()
+    offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts], dim=1).contiguous()
+    return QuantizedWeight(qweight, scales, offsets, first.bits, first.group_size,
+                           sum(p.out_features for p in parts), first.in_features)
+
+
 def dequantize_input_major(qweight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int,
                            group_size: int) -> Tensor:
     """The dequantised weight in fp32, input-major [K, N] (``x @ result`` is the linear)."""

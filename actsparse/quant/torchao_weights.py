@@ -5,7 +5,8 @@ tensor-subclass weight; Dynamo lifts it as one placeholder whose value is that s
 linear stays ``torch._C._nn.linear(x, w, b)``. For a masked linear the passes take the
 subclass's quantized data and scales (never a dequantised float copy), store them once
 input-major (``storage.QuantizedWeight``), and cache the result on the parameter, so a second
-graph (prefill, another batch size) reuses it.
+graph (prefill, another batch size) reuses it. Linears that share an input and a threshold get
+one joined copy instead (``input_major_joined``), cached on the first one's parameter.
 
 Supported (torchao >= 0.18, weight-only, CPU and CUDA):
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .storage import GROUP_SIZES, QuantizedWeight, pack_int4
+from .storage import GROUP_SIZES, QuantizedWeight, concat_outputs, pack_int4
 
 MIN_VERSION = (0, 18)
 SUPPORTED = ("Int8Tensor (Int8WeightOnlyConfig, per row or PerGroup(32|64|128))",
@@ -162,6 +163,21 @@ def input_major(w: Tensor) -> QuantizedWeight:
         with torch.no_grad():
             cached = to_input_major(w)
         setattr(w, _CACHE, cached)
+    return cached
+
+
+def input_major_joined(ws: list[Tensor]) -> QuantizedWeight:
+    """Several linears' weights on one input, converted and joined along the outputs
+    (``storage.concat_outputs``), computed once per group and kept on the first parameter. The
+    parts are converted uncached, so the joined copy is the only one."""
+    if len(ws) == 1:
+        return input_major(ws[0])
+    name = _CACHE + "_joined_" + "_".join(str(id(w)) for w in ws[1:])
+    cached = getattr(ws[0], name, None)
+    if cached is None:
+        with torch.no_grad():
+            cached = concat_outputs([getattr(w, _CACHE, None) or to_input_major(w) for w in ws])
+        setattr(ws[0], name, cached)
     return cached
 
 

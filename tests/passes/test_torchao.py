@@ -141,3 +141,25 @@ def test_calibration_runs_on_torchao_model():
     plan = actsparse.calibrate(model, tokens, "teal", 0.5, token_budget=512, seq_len=32, progress=False)
     assert set(plan.thresholds) == set(linear_names(model))
     plan.validate(_model(num_hidden_layers=1))  # the plan fits the float model too
+
+
+@pytest.mark.parametrize("config", ["int8", "int8-g32", "intx-int4-g32"])
+def test_sites_on_one_input_share_one_call(config):
+    """With one threshold per input, q/k/v and gate/up run as one joined call each (their
+    converted weights side by side, the output split), still equal to the masked reference."""
+    float_model = _model()
+    names = linear_names(float_model)
+    shared = {n: (0.3 if "q_proj" in n or "k_proj" in n or "v_proj" in n else 0.35 if "o_proj" in n else
+                  0.4 if "gate_proj" in n or "up_proj" in n else 0.45) for n in names}
+    counts, rules = {}, {}
+    for label, thresholds in (("shared", shared), ("distinct", {n: 0.3 + 0.01 * i for i, n in enumerate(names)})):
+        plan = actsparse.SparsityPlan.from_thresholds(float_model, thresholds)
+        be = CountingBackend(plan, "eager", held_quant_sparse_linear_op)
+        assert_matches_masked(_quantized(config), plan, be, *token_inputs(1, 5, 3))
+        counts[label] = be.calls
+        rules[label] = {s.module: s.rule for s in be.be.sites}
+    assert counts["shared"] < counts["distinct"]
+    assert not any("shared" in r for r in rules["distinct"].values())
+    rules = rules["shared"]
+    assert "(shared x3)" in rules["model.layers.0.self_attn.k_proj"]
+    assert "(shared x2)" in rules["model.layers.0.mlp.up_proj"]

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actsparse.quant.storage import (check_options, dequantize_input_major, pack_int4, quantize_weight,
-                                     unpack_int4)
+from actsparse.quant.storage import (check_options, concat_outputs, dequantize_input_major, pack_int4,
+                                     quantize_weight, unpack_int4)
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 
@@ -161,3 +161,18 @@ def test_clip_options_rejected():
         quantize_weight(torch.randn(4, 32), 4, 32, clip="percentile")
     with pytest.raises(ValueError, match="one value per input channel"):
         quantize_weight(torch.randn(4, 32), 4, 32, clip="mse", importance=torch.ones(31))
+
+
+@pytest.mark.parametrize("bits,gs", [(8, None), (8, 32), (4, 32)])
+def test_concat_outputs_is_the_weights_side_by_side(bits, gs):
+    g = torch.Generator().manual_seed(5)
+    parts = [quantize_weight(torch.randn(n, 64, generator=g), bits, gs) for n in (6, 10, 4)]
+    joined = concat_outputs(parts)
+    assert joined.out_features == 20 and joined.in_features == 64 and joined.bits == bits
+    torch.testing.assert_close(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def test_concat_outputs_refuses_mixed_formats():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="formats differ"):
+        concat_outputs([quantize_weight(w, 8), quantize_weight(w, 8, 32)])
