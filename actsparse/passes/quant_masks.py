@@ -7,9 +7,8 @@ The kernel reads one weight per call. torchao sites on one input with one thresh
 (q/k/v, gate/up) are joined: their converted weights side by side along the outputs, one call,
 its output split, so a layer makes fewer launches. Every other quantized site gets its own call;
 where the traced rows cannot pay for the sparse path, the masked input feeds the dense
-``quant_linear`` instead. Rules that
-need the float weight inside the graph (WINA cutoffs, CATS and predictor MLP rewrites) are
-refused with a clear error rather than applied wrongly.
+``quant_linear`` instead. Rules that need the float weight inside the graph (WINA cutoffs, CATS
+and predictor MLP rewrites) are refused with a clear error rather than applied wrongly.
 """
 
 from __future__ import annotations
@@ -36,11 +35,15 @@ def refuse_quantized(rule: str, sites: list[Site]) -> None:
                         f"{', '.join(quant[:3])}; use TEAL thresholds or statistical top-k there")
 
 
+def hold(ctx, name: str, qw) -> str:
+    """Register a converted weight's storage as backend constants; the key the held op reads."""
+    return ctx.constants.add(f"torchao:{name}", qw.qweight, qw.scales, *(() if qw.offsets is None else (qw.offsets,)))
+
+
 def held_call(gm: fx.GraphModule, ctx, x: fx.Node, s: Site, t: float, per_token: bool, hint: float):
     """The torchao site's weight as our storage (converted once per parameter), held as a constant."""
     qw = input_major(weight_value(gm, s.weight))
-    held = (qw.qweight, qw.scales) + (() if qw.offsets is None else (qw.offsets,))
-    key = ctx.constants.add(f"torchao:{s.module}", *held)
+    key = hold(ctx, s.module, qw)
     s.quant.update(bits=qw.bits, group_size=qw.group_size)
     return gm.graph.call_function(held_quant_sparse_linear_op, (
         x, key, s.bias, float(t), per_token, qw.bits, qw.group_size, s.out_features, float(hint)))
@@ -68,8 +71,7 @@ def emit_joined(gm: fx.GraphModule, ctx, x: fx.Node, group: list, per_token: boo
         return False
     graph = gm.graph
     first = next(n for n in graph.nodes if any(n is s.node for s in sites))
-    held = (qw.qweight, qw.scales) + (() if qw.offsets is None else (qw.offsets,))
-    key = ctx.constants.add("torchao:" + "+".join(s.module for s in sites), *held)
+    key = hold(ctx, "+".join(s.module for s in sites), qw)
     t = float(group[0][1])
     with graph.inserting_before(first):
         call = graph.call_function(held_quant_sparse_linear_op, (

@@ -170,8 +170,6 @@ def input_major_joined(ws: list[Tensor]) -> QuantizedWeight:
     """Several linears' weights on one input, converted and joined along the outputs
     (``storage.concat_outputs``), computed once per group and kept on the first parameter. The
     parts are converted uncached, so the joined copy is the only one."""
-    if len(ws) == 1:
-        return input_major(ws[0])
     name = _CACHE + "_joined_" + "_".join(str(id(w)) for w in ws[1:])
     cached = getattr(ws[0], name, None)
     if cached is None:
