@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-sparsity", type=float, default=None,
                    help="--random-relu: shifted ReLU calibrated to this MLP sparsity on random tokens (a stand-in "
                         "for a fine-tuned relufied model), timed beside the original SiLU model compiled dense")
+    p.add_argument("--input-sparsity", type=float, nargs="*", default=[],
+                   help="with --mlp-sparsity: also the exact plan plus TEAL thresholds at this sparsity on the "
+                        "linears it leaves dense (attention, gate/up), calibrated on the relufied model")
     p.add_argument("--ablate", nargs="*", default=[], choices=["gqa", "fuse"],
                    help="with --methods: each sparse variant again without that rewrite (gqa_attention, "
                         "fuse_gated_product), timed in the same rounds")
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ablate takes --methods (the interleaved comparison)")
     if args.mlp_sparsity is not None and (not args.random_relu or not 0 < args.mlp_sparsity < 1):
         p.error("--mlp-sparsity takes --random-relu and a value in (0, 1)")
+    if args.input_sparsity and (args.mlp_sparsity is None or not all(0 < s < 1 for s in args.input_sparsity)):
+        p.error("--input-sparsity takes --mlp-sparsity and values in (0, 1)")
 
     if args.random_relu:
         if args.threads:
@@ -324,15 +329,23 @@ LOAD_NOTE = ("2-core machine shared with other jobs: variants interleaved round 
              "the load average (1, 5, 15 min) after each round is in loadavg_rounds")
 
 
-def weight_bytes_bound(model, mlp_sparsity: float) -> dict[str, float]:
+def weight_bytes_bound(model, mlp_sparsity: float, input_sparsity: float = 0.0) -> dict[str, float]:
     """What skipping the up rows and down columns of zero neurons can save at best: the
     fraction of a decode step's weight bytes still read (gate in full, every other weight in
-    full, the LM head included), and its inverse, the bandwidth-bound speedup."""
+    full, the LM head included), and its inverse, the bandwidth-bound speedup.
+    ``input_sparsity``: input thresholds on every other linear of the layers too (attention and
+    gate/up; the masks taken as independent of the neurons' zeros)."""
     from actsparse.train import gated_mlps
 
     total = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the head
-    saved = sum((m.module.up_proj.weight.numel() + m.module.down_proj.weight.numel())
-                for m in gated_mlps(model)) * mlp_sparsity
+    mlps = gated_mlps(model)
+    up = sum(m.module.up_proj.weight.numel() for m in mlps)
+    down = sum(m.module.down_proj.weight.numel() for m in mlps)
+    gate = sum(m.module.gate_proj.weight.numel() for m in mlps)
+    attn = sum(mod.weight.numel() for name, mod in model.named_modules()
+               if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(mod, "weight"))
+    kept_up = (1 - mlp_sparsity) * (1 - input_sparsity)
+    saved = (up * (1 - kept_up) + down * mlp_sparsity + (gate + attn) * input_sparsity)
     frac = (total - saved) / total
     return {"weight_bytes_fraction": round(frac, 4), "speedup_bound_from_bytes": round(1 / frac, 3)}
 
@@ -405,22 +418,26 @@ def relufied_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, res
 
 
 def interleaved_relu_run(specs: list, relu_dense, plan, label: str, ids: torch.Tensor, cache_len: int, args,
-                         result: dict[str, Any]) -> None:
+                         result: dict[str, Any], extra: tuple = ()) -> None:
     """``specs`` (name, model, backend, plan, sparsity) plus the relufied model dense compiled and
-    with its exact plan (a copy, prepared); compiled, timed in rounds, one row each. ``vs_dense``
-    is against the first variant."""
+    with its exact plan (a copy, prepared), and with each ``extra`` (name, plan, input sparsity)
+    plan; compiled, timed in rounds, one row each. ``vs_dense`` is against the first variant."""
     import copy
     import os
 
     import actsparse
     from actsparse.train import mlp_sparsity
 
-    relu_sparse = copy.deepcopy(relu_dense)
     sp = mlp_sparsity(relu_dense, ids)
     relu_s = sum(sp.values()) / len(sp)
-    actsparse.prepare(relu_sparse, plan)
-    specs = list(specs) + [(f"{label} dense (inductor)", relu_dense, "inductor", None, relu_s),
-                           (f"{label} exact (sparse)", relu_sparse, actsparse.backend(plan), plan, relu_s)]
+    dense_name = f"{label} dense (inductor)"
+    bounded = {}  # sparse relufied variants: name -> input sparsity of their plan
+    specs = list(specs) + [(dense_name, relu_dense, "inductor", None, relu_s)]
+    for name, p, s_in in ((f"{label} exact (sparse)", plan, 0.0), *extra):
+        m = copy.deepcopy(relu_dense)
+        actsparse.prepare(m, p)
+        specs.append((name, m, actsparse.backend(p), p, relu_s))
+        bounded[name] = s_in
     result.update(loadavg_start=[round(x, 2) for x in os.getloadavg()], note=LOAD_NOTE)
     compiled = {}
     for name, m, be, _, _ in specs:
@@ -429,7 +446,7 @@ def interleaved_relu_run(specs: list, relu_dense, plan, label: str, ids: torch.T
     timed, load = time_interleaved(compiled, ids, args.new_tokens, args.repeats)
     result["loadavg_rounds"] = load
     dense = timed[specs[0][0]]["tokens_per_s"]
-    rdense = timed[specs[-2][0]]["tokens_per_s"]
+    rdense = timed[dense_name]["tokens_per_s"]
     for name, m, be, p, s in specs:
         t = timed[name]
         row = {"variant": name, "batch": 1, "sparsity": round(s, 4), "tok_s": round(t["tokens_per_s"], 3),
@@ -440,9 +457,11 @@ def interleaved_relu_run(specs: list, relu_dense, plan, label: str, ids: torch.T
             row["sparsity_note"] = "MLP sparsity (exact zeros of the activation) over the prompt"
         elif p is not None:
             row["sparsity_note"] = "TEAL target sparsity of the plan"
-        if name == specs[-1][0]:
-            row.update(weight_bytes_bound(m, s))
-            row["greedy_prefix_agreement_with_relufied_dense"] = agreement(t["tokens"], timed[specs[-2][0]]["tokens"])
+        if name in bounded:
+            row.update(weight_bytes_bound(m, s, bounded[name]))
+            if bounded[name]:
+                row["input_sparsity"] = bounded[name]
+            row["greedy_prefix_agreement_with_relufied_dense"] = agreement(t["tokens"], timed[dense_name]["tokens"])
         if p is not None:
             c = compiled[name]
             row["check_vs_masked_eager"] = check_against_reference(m, c["step"], p, ids, args.new_tokens,
@@ -473,11 +492,17 @@ def random_relu_run(args, result: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
     calib = torch.randint(0, model.config.vocab_size, (1, 512), generator=gen)
     relu, plan = actsparse.relufy(copy.deepcopy(model), "shifted-relu", tokens=calib, sparsity=args.mlp_sparsity)
+    extra = []
+    for s_in in args.input_sparsity:  # TEAL on the linears the exact rule leaves dense, calibrated on relu
+        from actsparse.train import with_input_thresholds
+
+        teal = actsparse.calibrate(relu, calib, method="teal", sparsity=s_in)
+        extra.append((f"shifted-relu exact + teal {s_in:.0%} inputs (sparse)", with_input_thresholds(plan, teal), s_in))
     result.update(model=f"random {args.random_relu}-shaped, shifted-ReLU MLPs",
                   weights=f"random N(0, 1/fan_in); shifted ReLU calibrated to {args.mlp_sparsity:.0%} MLP zeros on "
                           "512 random tokens, standing in for a fine-tuned relufied model")
     interleaved_relu_run([("dense (inductor)", model, "inductor", None, 0.0)], relu, plan, "shifted-relu", ids,
-                         cache_len, args, result)
+                         cache_len, args, result, extra)
     return ids, cache_len
 
 

@@ -9,9 +9,9 @@
 from .distill import DistillConfig, DistillResult, distill, held_out_kl, kl_teacher_student, sample_sequences
 from .lora import ALL_TARGETS, add_lora, load_adapters, lora_modules, merge_lora, read_adapters, rebuild, save_adapters
 from .moe_finetune import MoeFinetuneConfig, finetune_moe, load_finetuned, save_finetuned
-from .relufy import VARIANTS, ZeroCounter, gated_mlps, mlp_sparsity, relufy
+from .relufy import VARIANTS, ZeroCounter, gated_mlps, mlp_sparsity, relufy, with_input_thresholds
 
 __all__ = ["ALL_TARGETS", "DistillConfig", "DistillResult", "MoeFinetuneConfig", "finetune_moe", "load_finetuned",
            "save_finetuned", "VARIANTS", "ZeroCounter", "add_lora", "distill", "gated_mlps", "held_out_kl",
            "kl_teacher_student", "load_adapters", "lora_modules", "merge_lora", "mlp_sparsity", "read_adapters",
-           "rebuild", "relufy", "sample_sequences", "save_adapters"]
+           "rebuild", "relufy", "sample_sequences", "save_adapters", "with_input_thresholds"]

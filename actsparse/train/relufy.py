@@ -28,6 +28,7 @@ from torch import nn
 
 from ..plan import SparsityPlan, fingerprint
 from ..plan.rules.exact import ExactZeros
+from ..plan.rules.input_thresholds import InputThresholds
 
 VARIANTS = ("relu", "relu-gate", "shifted-relu", "drelu")
 _MARK = "_actsparse_relufied"
@@ -205,3 +206,36 @@ def mlp_sparsity(model: nn.Module, tokens: torch.Tensor) -> dict[str, float]:
     with ZeroCounter(model) as zc, torch.no_grad():
         model(tokens)
     return zc.sparsity()
+
+
+def with_input_thresholds(plan: SparsityPlan, other: SparsityPlan) -> SparsityPlan:
+    """``plan`` (a relufied model's exact plan) plus ``other``'s input thresholds on every linear
+    the exact rule leaves dense: q/k/v, o, gate/up (TEAL on top of the activation's own zeros).
+
+    ``other`` is calibrated on the relufied model itself (its inputs are what the thresholds
+    see); its down-projection thresholds are dropped, since those inputs are already exact zeros.
+    A new plan; neither argument changes.
+    """
+    if not isinstance(plan, SparsityPlan) or not isinstance(other, SparsityPlan):
+        raise TypeError("with_input_thresholds takes two SparsityPlans")
+    exact = plan.rule(ExactZeros)
+    if exact is None:
+        raise ValueError("with_input_thresholds: the first plan has no exact rule (make it with relufy)")
+    if plan.model is not None and other.model is not None:
+        plan.check_fingerprint(other.model)
+    covered = exact.modules()
+    own = plan.rule(InputThresholds)  # (the .thresholds property would add an empty rule to plan)
+    own_values = dict(own.values) if own is not None else {}
+    theirs = other.rule(InputThresholds)
+    added = {k: v for k, v in (theirs.values if theirs is not None else {}).items()
+             if k not in covered and k not in own_values}
+    score = theirs.score if theirs is not None else "abs"
+    if own_values and own.score != score:
+        raise ValueError(f"with_input_thresholds: the plans score inputs differently ({own.score!r}, {score!r})")
+    if not added:
+        raise ValueError("with_input_thresholds: the second plan has no input threshold outside the exact rule")
+    out = SparsityPlan(thresholds={**own_values, **added}, score=score, method=f"{plan.method}+{other.method}",
+                       target=plan.target, measured=plan.measured, model=plan.model,
+                       info={**plan.info, "input_thresholds_from": other.method, "input_thresholds_target": other.target},
+                       rules=[r for k, r in plan.rules.items() if k != InputThresholds.kind])
+    return out

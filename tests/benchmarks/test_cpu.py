@@ -109,7 +109,8 @@ def test_random_relu_run_rows(monkeypatch):
     from benchmarks.cpu_decode import random_relu_run
 
     monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
-    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=None)
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=None,
+                              input_sparsity=[])
     result = {"device": "CPU", "rows": []}
     random_relu_run(args, result)
     dense, exact = result["rows"]
@@ -128,14 +129,19 @@ def test_random_shifted_relu_run_has_the_silu_baseline(monkeypatch):
     from benchmarks.cpu_decode import random_relu_run
 
     monkeypatch.setattr(models, "shaped", lambda name, **kw: tiny("llama"))
-    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=0.8)
+    args = argparse.Namespace(random_relu="llama3-1b", layers=None, new_tokens=3, repeats=2, mlp_sparsity=0.8,
+                              input_sparsity=[0.5])
     result = {"device": "CPU", "rows": []}
     random_relu_run(args, result)
     assert [r["variant"] for r in result["rows"]] == ["dense (inductor)", "shifted-relu dense (inductor)",
-                                                      "shifted-relu exact (sparse)"]
-    exact = result["rows"][-1]
+                                                      "shifted-relu exact (sparse)",
+                                                      "shifted-relu exact + teal 50% inputs (sparse)"]
+    exact, both = result["rows"][-2:]
     assert 0.6 < exact["sparsity"] < 0.95 and "shifted-ReLU" in result["model"]
-    assert exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+    for r in (exact, both):
+        assert r["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+    # TEAL on the other linears reads fewer bytes than the exact plan alone
+    assert both["input_sparsity"] == 0.5 and both["weight_bytes_fraction"] < exact["weight_bytes_fraction"]
 
 
 def test_mlp_sparsity_needs_random_relu(capsys):
@@ -144,6 +150,9 @@ def test_mlp_sparsity_needs_random_relu(capsys):
     with pytest.raises(SystemExit):
         main(["--mlp-sparsity", "0.8"])
     assert "--mlp-sparsity takes --random-relu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--random-relu", "llama3-1b", "--input-sparsity", "0.5"])
+    assert "--input-sparsity takes --mlp-sparsity" in capsys.readouterr().err
 
 
 def test_methods_run_interleaves_every_method(tmp_path):

@@ -3,6 +3,8 @@ eager, and clear errors for bad arguments."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,46 @@ def test_plan_of_another_model_is_refused():
     _, plan = actsparse.relufy(tiny("llama", num_hidden_layers=2))
     with pytest.raises(PlanError):
         plan.validate(tiny("llama", num_hidden_layers=1))
+
+
+@pytest.mark.parametrize("variant", ["shifted-relu", "relu-gate"])
+def test_input_thresholds_on_top_of_the_exact_plan(variant):
+    """TEAL thresholds on the linears the exact rule leaves dense; compiled == masked eager."""
+    from actsparse.train import with_input_thresholds
+    from tests.masking import assert_matches_masked
+
+    kw = {"shift": 0.05} if variant == "shifted-relu" else {}
+    model, plan = actsparse.relufy(tiny("llama", num_hidden_layers=2), variant, **kw)
+    teal = actsparse.calibrate(model, IDS, method="teal", sparsity=0.5)
+    before = copy.deepcopy((plan, teal))
+    both = with_input_thresholds(plan, teal)
+    assert (plan, teal) == before  # neither argument changed
+    downs = set(plan.rule(ExactZeros).modules_)
+    assert both.rule(ExactZeros).modules_ == plan.rule(ExactZeros).modules_
+    assert not downs & set(both.thresholds) and set(both.thresholds) == (set(teal.thresholds) - downs)
+    if variant == "relu-gate":  # the variant's own threshold-0 input masks are kept, not replaced
+        assert all(both.thresholds[k] == 0.0 for k in plan.thresholds)
+    both.validate(model)
+    be = actsparse.backend(both)
+    assert_matches_masked(model, both, be, IDS[:1, :5], IDS[:1, 5:8])
+    torch._dynamo.reset()
+    roles = {s.role for s in be.sites if s.rewritten}
+    assert "mlp_down" in roles and len(roles) > 1  # the down projections and the linears TEAL masks
+
+
+def test_input_thresholds_refuse_bad_plans():
+    from actsparse.train import with_input_thresholds
+
+    model, plan = actsparse.relufy(tiny("llama", num_hidden_layers=2))
+    teal = actsparse.calibrate(model, IDS, method="teal", sparsity=0.5)
+    with pytest.raises(ValueError, match="no exact rule"):
+        with_input_thresholds(teal, teal)
+    downs_only = actsparse.SparsityPlan(thresholds={k: v for k, v in teal.thresholds.items() if "down" in k},
+                                        model=teal.model)
+    with pytest.raises(ValueError, match="no input threshold outside the exact rule"):
+        with_input_thresholds(plan, downs_only)
+    other = actsparse.calibrate(tiny("llama", num_hidden_layers=1), IDS, method="teal", sparsity=0.5)
+    with pytest.raises(PlanError):
+        with_input_thresholds(plan, other)
+    with pytest.raises(TypeError):
+        with_input_thresholds(plan, {"a": 1.0})
