@@ -12,6 +12,7 @@ against the pure-torch reference first.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -30,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--config-sets", nargs="+", default=["all"],
+                   help="tune over each of these config sets in turn (quant_gemv.CONFIG_SETS: all, predicated, "
+                        "compact), one row each")
     p.add_argument("--tiny", action="store_true", help="one tiny shape on the CPU (under TRITON_INTERPRET=1)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -47,11 +51,11 @@ def timer(fn, cuda: bool) -> float:
     return 1e6 * (time.perf_counter() - t0)
 
 
-def chosen_config(batch: int) -> dict | None:
+def chosen_config(batch: int, config_set: str = "all") -> dict | None:
     """The config the autotuner last chose for this row count (None in the interpreter)."""
     from actsparse.kernels.triton import quant_gemv as qg
 
-    best = getattr(qg._TUNERS.get(qg.rows_pad(batch)), "best_config", None)
+    best = getattr(qg._TUNERS.get((qg.rows_pad(batch), config_set)), "best_config", None)
     if best is None:
         return None
     return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
@@ -87,21 +91,24 @@ def main(argv=None) -> int:
             for bits, qw in qws.items():
                 qargs = (qw.qweight, qw.scales, qw.offsets, None)
                 t_dq = timer(lambda: dense_q(x, *qargs, bits, qw.group_size), cuda)
-                for s in args.sparsity:
+                for s, cset in itertools.product(args.sparsity, args.config_sets):
                     t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else -1.0
-                    got = qg.launch_quant_sparse_linear(x, *qargs, t, bits, qw.group_size, sparsity_hint=s)
-                    ref = quant_sparse_linear_reference(x, *qargs, t, False, bits, qw.group_size)
-                    err = float((got.float() - ref.float()).norm() / (ref.float().norm() + 1e-9))
-                    t_sp = timer(lambda: qg.launch_quant_sparse_linear(x, *qargs, t, bits, qw.group_size,
-                                                                       sparsity_hint=s), cuda)
+                    with qg.config_set(cset):
+                        got = qg.launch_quant_sparse_linear(x, *qargs, t, bits, qw.group_size, sparsity_hint=s)
+                        ref = quant_sparse_linear_reference(x, *qargs, t, False, bits, qw.group_size)
+                        err = float((got.float() - ref.float()).norm() / (ref.float().norm() + 1e-9))
+                        t_sp = timer(lambda: qg.launch_quant_sparse_linear(x, *qargs, t, bits, qw.group_size,
+                                                                           sparsity_hint=s), cuda)
                     row = {"shape": name, "k": k, "n": n, "bits": bits, "batch": batch, "sparsity": s,
-                           "us_sparse": t_sp, "us_bf16_cublas": t_bf16, "us_dense_dequant": t_dq,
-                           "vs_bf16": t_bf16 / t_sp, "vs_dense_quant": t_dq / t_sp, "rel_err": err,
-                           "config": chosen_config(batch)}
+                           "config_set": cset, "us_sparse": t_sp, "us_bf16_cublas": t_bf16,
+                           "us_dense_dequant": t_dq, "vs_bf16": t_bf16 / t_sp, "vs_dense_quant": t_dq / t_sp,
+                           "ideal_vs_bf16": 16 / bits / max(1 - s, 1e-9), "rel_err": err,
+                           "config": chosen_config(batch, cset)}
                     res["rows"].append(row)
                     out.write_text(json.dumps(res, indent=1))
-                    print(f"{name:>8} b{batch} int{bits} {s:4.0%}: {t_sp:7.1f} us  x{row['vs_bf16']:.2f} vs bf16  "
-                          f"x{row['vs_dense_quant']:.2f} vs dequant+mm  err {err:.1e}", flush=True)
+                    print(f"{name:>8} b{batch} int{bits} {s:4.0%} {cset:>10}: {t_sp:7.1f} us  x{row['vs_bf16']:.2f} "
+                          f"vs bf16 (ideal x{row['ideal_vs_bf16']:.1f})  x{row['vs_dense_quant']:.2f} vs dequant+mm  "
+                          f"err {err:.1e}", flush=True)
     out.write_text(json.dumps(res, indent=1))
     return 0
 

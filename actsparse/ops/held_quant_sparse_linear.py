@@ -79,7 +79,7 @@ held_quant_sparse_linear.register_autograd(_backward, setup_context=_setup)
 
 def _reserve(args) -> None:
     if isinstance(args["x"], Tensor):
-        reserve_quant_gemv(args["x"].device, int(args["out_features"]))
+        reserve_quant_gemv(args["x"].device, int(args["out_features"]), int(args["x"].shape[-1]))
 
 
 OPS[held_quant_sparse_linear._opoverload] = OpSpec(name="held_quant_sparse_linear",

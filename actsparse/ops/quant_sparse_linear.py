@@ -84,19 +84,20 @@ def _quant_sparse_linear(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Op
     return y.reshape(*lead, n)
 
 
-def reserve_quant_gemv(device: torch.device, n: int) -> None:
-    """The Triton kernel's split-K workspace, sized at compile time (outside CUDA-graph pools)."""
+def reserve_quant_gemv(device: torch.device, n: int, k: int) -> None:
+    """The Triton kernel's split-K workspace and list scratch, sized at compile time (outside
+    CUDA-graph pools)."""
     if device.type != "cuda":
         return
     kernel = triton_module("quant_gemv")
     if kernel is not None:
-        kernel.reserve_buffers(device, n)
+        kernel.reserve_buffers(device, n, k=k)
 
 
 def _reserve(args) -> None:
     x, q = args["x"], args["qweight"]
     if isinstance(x, Tensor) and isinstance(q, Tensor):
-        reserve_quant_gemv(x.device, q.shape[1] * (2 if args["bits"] == 4 else 1))
+        reserve_quant_gemv(x.device, q.shape[1] * (2 if args["bits"] == 4 else 1), int(x.shape[-1]))
 
 
 def _fake(x, qweight, scales, offsets, bias, threshold, per_token, bits, group_size, sparsity_hint):

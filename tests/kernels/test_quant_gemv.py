@@ -32,7 +32,11 @@ CONFIGS = [qg.INTERPRET_CONFIG, dict(BLOCK_N=32, BLOCK_K=32, CHUNK=64, num_warps
            dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, num_warps=4),  # unrolled steps
            dict(BLOCK_N=32, BLOCK_K=16, CHUNK=32, UNROLL=True, ONE_GROUP=True, num_warps=4),  # scales per program
            dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, UNROLL=False, ONE_GROUP=True, num_warps=4),
-           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FAST_CVT=True, num_warps=4)]  # integers converted by bit tricks
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FAST_CVT=True, num_warps=4),  # integers converted by bit tricks
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, COMPACT=True, num_warps=4),  # a list of the active channels
+           dict(BLOCK_N=32, BLOCK_K=16, CHUNK=64, COMPACT=True, FRAC=True, num_warps=4),  # codes as 1 + u / 2^b
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, COMPACT=True, ONE_GROUP=True, FRAC=True, num_warps=4),
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, UNROLL=True, ONE_GROUP=True, FRAC=True, num_warps=4)]
 
 
 def threshold_for(x, sparsity):
@@ -85,18 +89,34 @@ def test_configs(config, bits):
 
 @pytest.mark.parametrize("bits", [4, "8g"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
-def test_one_group_against_reference(bits, sparsity):
+@pytest.mark.parametrize("kind", ["unrolled", "compact"])
+def test_one_group_against_reference(bits, sparsity, kind):
     """Scales applied once per program, with whole chunks inactive at high sparsity."""
-    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, UNROLL=True, ONE_GROUP=True, FAST_CVT=True, num_warps=4)
+    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, ONE_GROUP=True, FRAC=True, num_warps=4)
+    cfg.update(dict(UNROLL=True, FAST_CVT=True) if kind == "unrolled" else dict(COMPACT=True))
     for m in (1, 5):
         check(m, 256, 38, bits, 128, torch.float32, sparsity, False, True, cfg, seed=m)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), ("8g", 32)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.97, 1.0])
+def test_compact_lists_against_reference(bits, group, sparsity):
+    """Lists of every length (none, a partial step, several steps), a K tail, 1 and 4 rows."""
+    extra = dict(ONE_GROUP=True) if group else {}
+    cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, COMPACT=True, num_warps=4, **extra)
+    k = 96 if group else 90
+    for m, frac in ((1, False), (1, True), (4, False)):
+        check(m, k, 22, bits, group, torch.float32, sparsity, False, True, {**cfg, "FRAC": frac}, seed=m)
+    check(1, k, 22, bits, group, torch.float32, sparsity, True, False, {**cfg, "FRAC": True}, seed=9)
 
 
 def test_configs_that_do_not_fit_are_refused():
     qw = quantize_weight(torch.randn(8, 64), 4, 32)
     x = torch.randn(1, 64)
     bad = [dict(BLOCK_N=16, BLOCK_K=16, CHUNK=64, ONE_GROUP=True),  # a chunk spans two groups
-           dict(BLOCK_N=16, BLOCK_K=64, CHUNK=64)]  # a step spans two groups
+           dict(BLOCK_N=16, BLOCK_K=64, CHUNK=64),  # a step spans two groups
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, COMPACT=True),  # a list's step may mix groups
+           dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FRAC=True)]  # per-step scales: no constant to remove
     for cfg in bad:
         with pytest.raises(ValueError, match="does not fit group size 32"):
             qg.launch_quant_sparse_linear(x, qw.qweight, qw.scales, qw.offsets, None, 0.1, 4, 32, config=cfg)
@@ -111,6 +131,9 @@ def test_prune_keeps_only_fitting_configs():
         kept = qg._prune(qg.CONFIGS_M1 + qg.CONFIGS_DOT, {"K": 4096, "NC": 4096, "G": g})
         assert kept and all(qg.config_fits(c.kwargs, g) for c in kept)
         assert any(c.kwargs["ONE_GROUP"] for c in kept) == (g >= 32)
+    for dtype, frac in ((torch.float32, False), (torch.bfloat16, True)):  # fp32 x keeps every bit
+        kept = qg._prune(qg.CONFIGS_M1, {"K": 4096, "NC": 4096, "G": 0, "X": torch.zeros(1, 2, dtype=dtype)})
+        assert any(c.kwargs["FRAC"] for c in kept) == frac and any(c.kwargs["COMPACT"] for c in kept)
 
 
 @SETTINGS
@@ -162,18 +185,52 @@ def test_fast_conversion_is_exact_over_every_code(bits):
     g = torch.Generator().manual_seed(0)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, 32 if bits == 4 else None)
     x = torch.randn(3, k, generator=g)
-    for fast in (False, True):
-        cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, FAST_CVT=fast, num_warps=4)
-        out = qg.launch_quant_sparse_linear(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits, qw.group_size,
-                                            config=cfg)
-        ref = quant_sparse_linear_reference(x, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
-                                            qw.group_size)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    one = dict(ONE_GROUP=True) if bits == 4 else {}
+    for extra in (dict(FAST_CVT=False), dict(FAST_CVT=True), dict(FRAC=True, **one), dict(FRAC=True, COMPACT=True, **one)):
+        cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4, **extra)
+        for xx in (x, x[:1]):  # the dot path, and one row (where FRAC applies)
+            out = qg.launch_quant_sparse_linear(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits,
+                                                qw.group_size, config=cfg)
+            ref = quant_sparse_linear_reference(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
+                                                qw.group_size)
+            # FRAC sums x * (1 + u / 256) and removes sum(x) at the end: 8 of fp32's 24 bits go to
+            # the constant (the autotuner keeps it for half-precision x, whose own error is larger)
+            tol = 1e-4 if extra.get("FRAC") else 1e-5
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     codes = qw.qweight.flatten().to(torch.int32)
     if bits == 8:
         assert codes.unique().numel() >= 200  # the weights exercise nearly every int8 code
     else:
         assert (codes & 0xF).unique().numel() == 16 and (codes >> 4).unique().numel() == 16
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_code_converts_exactly(bits):
+    """One active channel (x = 1) whose weight row holds every code once: each conversion
+    (instruction, FAST_CVT bit trick, FRAC mantissa trick, on predicated and compacted loops)
+    must give back exactly the codes (unit scales, zero offsets)."""
+    k, row = 32, 5
+    if bits == 8:
+        n = 256
+        q = torch.zeros(k, n, dtype=torch.int8)
+        q[row] = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)
+        scales, offsets, group = torch.ones(n), None, 0
+        expect = torch.arange(-128, 128, dtype=torch.float32)
+    else:
+        n = 32
+        j = torch.arange(16, dtype=torch.int32)
+        q = torch.zeros(k, n // 2, dtype=torch.uint8)
+        q[row] = (j | ((15 - j) << 4)).to(torch.uint8)  # low nibbles 0..15, high ones 15..0
+        scales, offsets, group = torch.ones(1, n), torch.zeros(1, n), 32
+        expect = torch.cat([j, 15 - j]).float()
+    x = torch.zeros(1, k)
+    x[0, row] = 1.0
+    one = dict(ONE_GROUP=True) if group else {}
+    for extra in (dict(FAST_CVT=False), dict(FAST_CVT=True), dict(FRAC=True, **one),
+                  dict(FRAC=True, COMPACT=True, **one), dict(COMPACT=True, **one)):
+        out = qg.launch_quant_sparse_linear(x, q, scales, offsets, None, 0.5, bits, group,
+                                            config=dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4, **extra))
+        assert torch.equal(out[0], expect), extra
 
 
 @pytest.mark.parametrize("bits", [8, 4])

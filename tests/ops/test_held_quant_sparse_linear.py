@@ -77,8 +77,8 @@ def test_compile_time_reserve_sizes_the_kernel_workspace(monkeypatch):
     from actsparse.ops.spec import OPS
 
     calls = []
-    monkeypatch.setattr(qsl, "reserve_quant_gemv", lambda device, n: calls.append(n))
-    monkeypatch.setattr(held, "reserve_quant_gemv", lambda device, n: calls.append(n))
+    monkeypatch.setattr(qsl, "reserve_quant_gemv", lambda device, n, k: calls.append(n))
+    monkeypatch.setattr(held, "reserve_quant_gemv", lambda device, n, k: calls.append(n))
     qw = quantize_weight(torch.randn(12, 64) / 4, 4, 32)
     x = torch.randn(1, 64)
     qsl.SPEC.reserve(dict(x=x, qweight=qw.qweight, bits=4))

@@ -25,6 +25,16 @@ One program per (block of BLOCK_N byte columns) x (chunk of CHUNK input channels
    and one ``tl.dot`` per step (the weight tile cast to x's dtype; fp32 inputs stay fp32).
    UNROLL configs unroll the CHUNK loop so every step's loads are in flight at once (the
    predicated family's reason); the others loop, with fewer registers.
+   COMPACT configs first turn the chunk's mask into a list of its active channels (a prefix
+   sum, through a small scratch buffer, as the bf16 kernel's compacted family does) and walk
+   that list: the predicated loop converts and multiplies every channel, active or not, so
+   it is bound by arithmetic (int4 most: its time hardly moved with sparsity); the list's
+   loop does the arithmetic of the active channels only. On grouped weights they need
+   ONE_GROUP (a list's step mixes channels from anywhere in the chunk).
+   FRAC configs (one row; int8 with per-output scales, or ONE_GROUP) build the float
+   1 + u / 2^bits from a code u with a shift and one logic op (u in the top of the mantissa
+   of 1.0) and remove the 1 once per program from sum(x): no conversion, no subtraction per
+   weight. It costs 8 of fp32's 24 bits (int8), so fp32 x is never tuned onto it.
 4. The partial sums are added with relaxed fp32 atomics to a cached zeroed workspace; the
    predicated family's finishing launch adds the bias, writes y in x's dtype and re-zeroes the
    workspace (two launches per call; CUDA-graph safe, no host sync).
@@ -33,6 +43,7 @@ One program per (block of BLOCK_N byte columns) x (chunk of CHUNK input channels
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -57,56 +68,79 @@ def _int_to_f32(v, FAST_CVT: tl.constexpr):
 
 
 @triton.jit
-def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, r0, K, NC, N, G,
-                acc, acc_hi, xsum, cnt,
+def _frac_to_f32(qi, BITS: tl.constexpr, HI: tl.constexpr):
+    """The code u (int8: q + 128; int4: one nibble) as the float 1 + u / 2^BITS: shifted into the
+    top of an fp32 mantissa under the exponent of 1.0 (a shift and one logic op, no conversion
+    and no subtraction). The constant 1 per weight is removed once per program: sum(x) is kept."""
+    if BITS == 8:  # bits 0..7 to 15..22, bit 7 flipped (q + 128), exponent of 1.0 set: one XOR
+        v = ((qi << 15) & 0x7F8000) ^ 0x3FC00000
+    elif HI:  # bits 4..7 to 19..22
+        v = ((qi << 15) & 0x780000) | 0x3F800000
+    else:  # bits 0..3 to 19..22
+        v = ((qi << 19) & 0x780000) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, rows, valid,
+                grp, N, NC, acc, acc_hi, xsum, cnt,
                 BITS: tl.constexpr, GROUPED: tl.constexpr, ONE_GROUP: tl.constexpr, M_PAD: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST_CVT: tl.constexpr):
-    """BLOCK_K input channels from r0: load x, predicate the weight rows on the union of the rows'
-    masks, accumulate. ONE_GROUP: the program's channels lie in one group, so the raw integers
-    are accumulated here and the group's scales (and offsets) applied once, at the end."""
-    rows = r0 + tl.arange(0, BLOCK_K)
-    r_ok = rows < K
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, FAST_CVT: tl.constexpr,
+                UNION_KNOWN: tl.constexpr, FRAC: tl.constexpr):
+    """BLOCK_K input channels ``rows`` (``valid`` ones in range): load x, predicate the weight rows
+    on the union of the rows' masks (UNION_KNOWN: ``valid`` is that union, a compacted list),
+    accumulate. ONE_GROUP: the program's channels lie in one group, so the raw integers are
+    accumulated here and the group's scales (and offsets) applied once, at the end. ``grp``: the
+    step's group (steps never straddle one)."""
     xg = tl.load(X + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
-                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M_PAD, BLOCK_K]
-    keep = (tl.abs(xg.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & r_ok[None, :]
-    on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
-    cnt += tl.sum(on.to(tl.int32), axis=0)
+                 mask=m_ok[:, None] & valid[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+    keep = (tl.abs(xg.to(tl.float32)) > cutoff[:, None]) & m_ok[:, None] & valid[None, :]
+    if UNION_KNOWN:
+        on = valid
+    else:
+        on = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs the channel
+        cnt += tl.sum(on.to(tl.int32), axis=0)
     q = tl.load(Q + rows[:, None] * stride_qk + offs_c[None, :], mask=on[:, None] & c_ok[None, :], other=0)
     qi = q.to(tl.int32)
-    if BITS == 8:
-        qf = _int_to_f32(qi + 128, FAST_CVT) - 128.0  # int8 -128..127, shifted into 0..255 and back
-    else:  # uint8 holding two nibbles
-        qf = _int_to_f32(qi & 0xF, FAST_CVT)
-        qf_hi = _int_to_f32((qi >> 4) & 0xF, FAST_CVT)
-    if BITS == 8 and GROUPED and not ONE_GROUP:
-        grp = r0 // G
-        n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
-        g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
-        w = qf * g_s[None, :]
-        w_hi = w
-    elif BITS == 8:
-        w = qf
-        w_hi = w
-    elif ONE_GROUP:
-        w = qf
-        w_hi = qf_hi
+    if FRAC:  # one row; int8 per-output scales or ONE_GROUP: the 1 per weight is taken out at the end
+        w = _frac_to_f32(qi, BITS, False)
+        if BITS == 4:
+            w_hi = _frac_to_f32(qi, BITS, True)
+        else:
+            w_hi = w
     else:
-        grp = r0 // G
-        n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
-        g_ok = c_ok & (n_on > 0)  # the group's scales are read only if one of its channels is
-        s_lo = tl.load(S + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-        s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-        z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-        z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
-        w = qf * s_lo[None, :] + z_lo[None, :]
-        w_hi = qf_hi * s_hi[None, :] + z_hi[None, :]
+        if BITS == 8:
+            qf = _int_to_f32(qi + 128, FAST_CVT) - 128.0  # int8 -128..127, shifted into 0..255 and back
+        else:  # uint8 holding two nibbles
+            qf = _int_to_f32(qi & 0xF, FAST_CVT)
+            qf_hi = _int_to_f32((qi >> 4) & 0xF, FAST_CVT)
+        if BITS == 8 and GROUPED and not ONE_GROUP:
+            n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
+            g_s = tl.load(S + grp * N + offs_c, mask=c_ok & (n_on > 0), other=0.0).to(tl.float32)
+            w = qf * g_s[None, :]
+            w_hi = w
+        elif BITS == 8:
+            w = qf
+            w_hi = w
+        elif ONE_GROUP:
+            w = qf
+            w_hi = qf_hi
+        else:
+            n_on = tl.zeros([BLOCK_N], dtype=tl.int32) + tl.max(on.to(tl.int32), axis=0)
+            g_ok = c_ok & (n_on > 0)  # the group's scales are read only if one of its channels is
+            s_lo = tl.load(S + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            s_hi = tl.load(S + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            z_lo = tl.load(Z + grp * N + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            z_hi = tl.load(Z + grp * N + NC + offs_c, mask=g_ok, other=0.0).to(tl.float32)
+            w = qf * s_lo[None, :] + z_lo[None, :]
+            w_hi = qf_hi * s_hi[None, :] + z_hi[None, :]
     if M_PAD == 1:
         xv = tl.sum(tl.where(keep, xg.to(tl.float32), 0.0), axis=0)  # [BLOCK_K]
         acc += xv[:, None] * w
         if BITS == 4:
             acc_hi += xv[:, None] * w_hi
-            if ONE_GROUP:
-                xsum += xv
+        if FRAC or (BITS == 4 and ONE_GROUP):
+            xsum += xv
     else:
         xm = tl.where(keep, xg, 0.0)
         if DOT_PRECISION == "tf32":  # half-precision x: the dot in x's dtype, fp32 accumulation
@@ -124,13 +158,13 @@ def _quant_step(X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutof
 
 @triton.jit
 def _quant_gemv_kernel(
-    X, RS, Q, S, Z, Y, thr,
+    X, RS, Q, S, Z, Y, SCR, thr,
     M, K, NC, N, G,
     stride_xm, stride_xk, stride_qk,
     KEY_M, KEY_BITS, KEY_S, KEY_DEV,  # only for the autotune key
     BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, ONE_GROUP: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    FAST_CVT: tl.constexpr, COMPACT: tl.constexpr, FRAC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -148,18 +182,52 @@ def _quant_gemv_kernel(
         acc_hi = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([M_PAD], dtype=tl.float32)
     cnt = tl.sum(tl.zeros([BLOCK_K], dtype=tl.int32), axis=0)
+    # FRAC: one row only, and only where the constant is removable once per program (the
+    # launcher and config_fits see to both)
 
     k0 = pid_k * CHUNK
-    if UNROLL:  # every step's loads can be in flight at once (none depends on another step)
-        for kb in tl.static_range(0, CHUNK, BLOCK_K):
+    offs_j = tl.arange(0, BLOCK_K)
+    if COMPACT:
+        # The chunk's channels some row needs, as a dense list (prefix sum; written to scratch and
+        # read back after a barrier; every program of the chunk writes the same list), so the
+        # loop, its conversions and its FMAs run over active channels only.
+        offs_cc = tl.arange(0, CHUNK)
+        kc = k0 + offs_cc
+        active = tl.zeros([CHUNK], dtype=tl.int32)
+        for m in tl.static_range(M_PAD):
+            if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
+                c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
+            else:
+                c_m = thr
+            row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
+            xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
+            active = tl.maximum(active, ((tl.abs(xr.to(tl.float32)) > c_m) & row_ok).to(tl.int32))
+        pos = tl.cumsum(active, axis=0) - 1
+        n_act = tl.sum(active, axis=0)
+        tl.store(SCR + k0 + pos, offs_cc, mask=active > 0)
+        tl.debug_barrier()  # the list is written by all threads, read back by all threads
+        cnt += n_act
+        for j in range(0, n_act, BLOCK_K):
+            valid = (j + offs_j) < n_act
+            idx = tl.load(SCR + k0 + j + offs_j, mask=valid, other=0)
             acc, acc_hi, xsum, cnt = _quant_step(
-                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
-                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K, FAST_CVT)
+                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + idx, valid,
+                k0 // tl.maximum(G, 1), N, NC, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD,
+                DOT_PRECISION, BLOCK_N, FAST_CVT, True, FRAC)
+    elif UNROLL:  # every step's loads can be in flight at once (none depends on another step)
+        for kb in tl.static_range(0, CHUNK, BLOCK_K):
+            rows = k0 + kb + offs_j
+            acc, acc_hi, xsum, cnt = _quant_step(
+                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, rows, rows < K,
+                (k0 + kb) // tl.maximum(G, 1), N, NC, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD,
+                DOT_PRECISION, BLOCK_N, FAST_CVT, False, FRAC)
     else:
         for kb in range(0, CHUNK, BLOCK_K):
+            rows = k0 + kb + offs_j
             acc, acc_hi, xsum, cnt = _quant_step(
-                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, k0 + kb, K, NC, N,
-                G, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD, DOT_PRECISION, BLOCK_N, BLOCK_K, FAST_CVT)
+                X, Q, S, Z, stride_xm, stride_xk, stride_qk, offs_m, m_ok, cutoff, offs_c, c_ok, rows, rows < K,
+                (k0 + kb) // tl.maximum(G, 1), N, NC, acc, acc_hi, xsum, cnt, BITS, GROUPED, ONE_GROUP, M_PAD,
+                DOT_PRECISION, BLOCK_N, FAST_CVT, False, FRAC)
 
     if M_PAD == 1:
         part = tl.sum(acc, axis=0)[None, :]
@@ -169,6 +237,12 @@ def _quant_gemv_kernel(
         part = acc
         part_hi = acc_hi
         xs = xsum
+    if FRAC:  # sums of x * (1 + u / 2^BITS): back to sums of x * code
+        if BITS == 8:  # u = q + 128
+            part = 256.0 * (part - xs[:, None]) - 128.0 * xs[:, None]
+        else:
+            part = 16.0 * (part - xs[:, None])
+            part_hi = 16.0 * (part_hi - xs[:, None])
     out_ok = m_ok[:, None] & c_ok[None, :]
     if BITS == 8 and not GROUPED:
         s = tl.load(S + offs_c, mask=c_ok, other=0.0).to(tl.float32)
@@ -189,60 +263,101 @@ def _quant_gemv_kernel(
         tl.atomic_add(Y + offs_m[:, None] * N + NC + offs_c[None, :], part_hi, mask=out_ok, sem="relaxed")
 
 
-def _cfg(block_n, block_k, chunk, warps, unroll=False, one_group=False):
+def _cfg(block_n, block_k, chunk, warps, unroll=False, one_group=False, compact=False, frac=False):
     return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=chunk, UNROLL=unroll, ONE_GROUP=one_group,
-                              FAST_CVT=unroll), num_warps=warps, num_stages=1 if unroll else 3)
+                              FAST_CVT=unroll, COMPACT=compact, FRAC=frac),
+                         num_warps=warps, num_stages=1 if unroll or compact else 3)
 
 
 #: One row. The first six loop over the chunk (few programs' worth of loads in flight); the
 #: unrolled ones issue every step's loads at once, with wider column blocks since a byte column
 #: is one output (int8) or two (int4), and convert integers without the conversion unit
 #: (FAST_CVT); the ONE_GROUP ones (grouped weights, a chunk inside one group) apply the group's
-#: scales once per program instead of per weight.
+#: scales once per program instead of per weight. The COMPACT ones walk a list of the chunk's
+#: active channels, so their conversions and FMAs shrink with the sparsity (the predicated loop
+#: converts and multiplies every channel, which bounds it by arithmetic, int4 most); FRAC ones
+#: turn a code into a float with a shift and a logic op.
 CONFIGS_M1 = [_cfg(128, 32, 256, 4), _cfg(256, 16, 256, 4), _cfg(64, 32, 512, 4), _cfg(128, 32, 1024, 4),
               _cfg(256, 32, 512, 8), _cfg(128, 16, 128, 4),
               _cfg(512, 16, 64, 8, True), _cfg(256, 16, 64, 4, True), _cfg(512, 16, 32, 4, True),
               _cfg(256, 32, 128, 8, True), _cfg(1024, 16, 32, 8, True), _cfg(256, 16, 128, 4, True),
               _cfg(256, 16, 64, 4, True, True), _cfg(512, 16, 64, 8, True, True), _cfg(256, 32, 128, 8, True, True),
-              _cfg(512, 16, 128, 8, True, True), _cfg(256, 16, 32, 4, True, True)]
+              _cfg(512, 16, 128, 8, True, True), _cfg(256, 16, 32, 4, True, True),
+              _cfg(256, 16, 64, 4, True, True, frac=True), _cfg(512, 16, 64, 8, True, frac=True),
+              _cfg(256, 16, 256, 4, compact=True), _cfg(256, 16, 256, 4, compact=True, frac=True),
+              _cfg(512, 16, 256, 8, compact=True, frac=True), _cfg(128, 32, 256, 4, compact=True, frac=True),
+              _cfg(256, 16, 512, 4, compact=True, frac=True), _cfg(256, 32, 128, 8, compact=True, frac=True),
+              _cfg(256, 16, 128, 4, one_group=True, compact=True, frac=True),
+              _cfg(512, 16, 128, 8, one_group=True, compact=True, frac=True),
+              _cfg(256, 16, 64, 4, one_group=True, compact=True, frac=True),
+              _cfg(256, 32, 128, 8, one_group=True, compact=True, frac=True)]
 CONFIGS_DOT = [_cfg(64, 32, 256, 4), _cfg(128, 32, 512, 4), _cfg(128, 16, 256, 4), _cfg(256, 32, 512, 8),
                _cfg(128, 16, 64, 4, True), _cfg(256, 16, 64, 8, True), _cfg(128, 32, 128, 4, True),
-               _cfg(128, 16, 64, 4, True, True), _cfg(256, 16, 64, 8, True, True), _cfg(128, 32, 128, 8, True, True)]
+               _cfg(128, 16, 64, 4, True, True), _cfg(256, 16, 64, 8, True, True), _cfg(128, 32, 128, 8, True, True),
+               _cfg(128, 32, 256, 4, compact=True), _cfg(128, 16, 128, 4, one_group=True, compact=True)]
 #: The interpreter's config (no autotuning there) unless a test passes its own.
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4)
 #: Defaults of the config keys a pinned config may leave out.
-CONFIG_DEFAULTS = dict(UNROLL=False, ONE_GROUP=False, FAST_CVT=False)
+CONFIG_DEFAULTS = dict(UNROLL=False, ONE_GROUP=False, FAST_CVT=False, COMPACT=False, FRAC=False)
 
 
 def config_fits(cfg: dict, group_size: int) -> bool:
-    """A step may not straddle a group; a ONE_GROUP chunk must lie inside one (grouped weights only)."""
+    """A step may not straddle a group; a ONE_GROUP chunk must lie inside one (grouped weights
+    only). On grouped weights a compacted list (whose steps mix channels from anywhere in the
+    chunk) and the FRAC conversion (whose constant is removed once per program) need ONE_GROUP."""
     if group_size and group_size % cfg["BLOCK_K"]:
         return False
     if cfg.get("ONE_GROUP"):
         return bool(group_size) and group_size % cfg["CHUNK"] == 0
+    if group_size and (cfg.get("COMPACT") or cfg.get("FRAC")):
+        return False
     return True
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs much larger than the problem, and those that do not fit its groups."""
+    """Drop configs much larger than the problem, and those that do not fit its groups. fp32 x
+    keeps its full precision: FRAC spends 8 of fp32's 24 bits on the constant it removes."""
     k, nc, g = named_args["K"], named_args["NC"], named_args["G"]
+    x = named_args.get("X")
+    fp32 = getattr(x, "dtype", None) == torch.float32
     keep = [c for c in configs if c.kwargs["CHUNK"] <= max(2 * k, 128) and c.kwargs["BLOCK_N"] <= max(2 * nc, 64)
-            and config_fits(c.kwargs, g)]
+            and config_fits(c.kwargs, g) and not (fp32 and c.kwargs.get("FRAC"))]
     return keep or [c for c in configs if config_fits(c.kwargs, g)][-1:]
 
 
-_TUNERS: dict[int, object] = {}
+#: Config sets the autotuner may be held to (benchmarks compare them in one run): "all"; the
+#: predicated loops with the older conversions; the compacted lists.
+CONFIG_SETS = {"all": lambda kw: True,
+               "predicated": lambda kw: not kw["COMPACT"] and not kw["FRAC"],
+               "compact": lambda kw: kw["COMPACT"]}
+_CONFIG_SET = "all"
+_TUNERS: dict[tuple, object] = {}
+
+
+@contextmanager
+def config_set(name: str):
+    """Tune (and run) the calls of the block over one of ``CONFIG_SETS`` only."""
+    global _CONFIG_SET
+    if name not in CONFIG_SETS:
+        raise ValueError(f"unknown config set {name!r}; expected one of {sorted(CONFIG_SETS)}")
+    prev, _CONFIG_SET = _CONFIG_SET, name
+    try:
+        yield
+    finally:
+        _CONFIG_SET = prev
 
 
 def _tuned(m_pad: int):
-    if m_pad not in _TUNERS:
-        kwargs = dict(configs=CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT,
+    key = (m_pad, _CONFIG_SET)
+    if key not in _TUNERS:
+        configs = [c for c in (CONFIGS_M1 if m_pad == 1 else CONFIGS_DOT) if CONFIG_SETS[_CONFIG_SET](c.kwargs)]
+        kwargs = dict(configs=configs,
                       key=["K", "NC", "G", "KEY_M", "KEY_BITS", "KEY_S", "KEY_DEV"],
                       reset_to_zero=["Y"], do_bench=rt.autotune_bench, cache_results=True,
                       prune_configs_by={"early_config_prune": _prune})
         accepted = inspect.signature(triton.autotune).parameters
-        _TUNERS[m_pad] = triton.autotune(**{k: v for k, v in kwargs.items() if k in accepted})(_quant_gemv_kernel)
-    return _TUNERS[m_pad]
+        _TUNERS[key] = triton.autotune(**{k: v for k, v in kwargs.items() if k in accepted})(_quant_gemv_kernel)
+    return _TUNERS[key]
 
 
 def rows_pad(m: int) -> int:
@@ -279,7 +394,8 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
         rs = row_scale.reshape(-1).to(torch.float32).contiguous()
         assert rs.numel() == M
     m_pad = rows_pad(M)
-    args = [x, rs if rs is not None else ws, qweight, scales, offsets if offsets is not None else scales, ws,
+    scr = rt.scratch_buffer("quant_idx", K, torch.int32, x.device)  # compacted lists (COMPACT configs)
+    args = [x, rs if rs is not None else ws, qweight, scales, offsets if offsets is not None else scales, ws, scr,
             float(threshold), M, K, nc, n, group_size, x.stride(0), x.stride(1), qweight.stride(0),
             m_pad, bits + (100 if group_size else 0), rt.sparsity_bucket(sparsity_hint), rt.device_key(x.device)]
     meta = dict(BITS=bits, GROUPED=group_size > 0, HAS_ROW_SCALE=rs is not None, M_PAD=m_pad, DOT_PRECISION=rt.dot_precision(x.dtype))
@@ -291,9 +407,12 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
         config = INTERPRET_CONFIG
     if config is not None:
         cfg = {**CONFIG_DEFAULTS, **config}
+        if m_pad > 1:  # FRAC is a one-row conversion: the dot path converts codes as they are
+            cfg["FRAC"] = False
         if not config_fits(cfg, group_size):
             raise ValueError(f"config {config} does not fit group size {group_size}: BLOCK_K must divide the "
-                             "group, and a ONE_GROUP chunk must lie inside one")
+                             "group, a ONE_GROUP chunk must lie inside one, and on grouped weights COMPACT and "
+                             "FRAC need ONE_GROUP")
         _quant_gemv_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
         _tuned(m_pad)[grid](*args, **meta)
@@ -304,10 +423,13 @@ def launch_quant_sparse_linear(x: torch.Tensor, qweight: torch.Tensor, scales: t
     return y
 
 
-def reserve_buffers(device: torch.device, n: int, max_rows: int = rt.MAX_ROWS) -> None:
+def reserve_buffers(device: torch.device, n: int, max_rows: int = rt.MAX_ROWS, k: Optional[int] = None) -> None:
     """Allocate the cached workspace for outputs of width ``n``, outside any CUDA-graph pool.
 
     Same reason as the bf16 kernel's: a cached buffer first allocated during a CUDA-graph
-    tree's warm-up would live in the tree's private pool without being a graph output.
+    tree's warm-up would live in the tree's private pool without being a graph output. ``k``
+    (the input width) reserves the compacted-list scratch too.
     """
     rt.zeroed_buffer("quant_gemv", max_rows * int(n), torch.float32, device)
+    if k is not None:
+        rt.scratch_buffer("quant_idx", int(k), torch.int32, device)
