@@ -53,7 +53,7 @@ import triton.language as tl
 
 from actsparse.kernels.triton import _runtime as rt
 from actsparse.kernels.triton.predicated_gemv import FINISH_BLOCK, _finish_kernel
-from actsparse.kernels.triton.sparse_gemv import _row_cutoffs
+from actsparse.kernels.triton.sparse_gemv import _chunk_union, _row_cutoffs
 
 
 @triton.jit
@@ -192,16 +192,7 @@ def _quant_gemv_kernel(
         # read back after a barrier; every program of the chunk writes the same list), so the
         # loop, its conversions and its FMAs run over active channels only.
         offs_cc = tl.arange(0, CHUNK)
-        kc = k0 + offs_cc
-        active = tl.zeros([CHUNK], dtype=tl.int32)
-        for m in tl.static_range(M_PAD):
-            if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
-                c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
-            else:
-                c_m = thr
-            row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
-            xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
-            active = tl.maximum(active, ((tl.abs(xr.to(tl.float32)) > c_m) & row_ok).to(tl.int32))
+        active = _chunk_union(X, stride_xm, stride_xk, RS, thr, X, k0, K, M, CHUNK, M_PAD, HAS_ROW_SCALE, False)
         pos = tl.cumsum(active, axis=0) - 1
         n_act = tl.sum(active, axis=0)
         tl.store(SCR + k0 + pos, offs_cc, mask=active > 0)

@@ -83,6 +83,29 @@ def _row_cutoffs(thr, RS, offs_m, m_ok, HAS_ROW_SCALE: tl.constexpr, M_PAD: tl.c
 
 
 @triton.jit
+def _chunk_union(X, stride_xm, stride_xk, RS, thr, CT, k0, K, M, CHUNK: tl.constexpr, M_PAD: tl.constexpr,
+                 HAS_ROW_SCALE: tl.constexpr, HAS_CT: tl.constexpr):
+    """[CHUNK] int32: 1 where some row needs channel k0 + i (one row at a time: elementwise ORs
+    only, no cross-thread reduction before the prefix sum that compacts it)."""
+    kc = k0 + tl.arange(0, CHUNK)
+    active = tl.zeros([CHUNK], dtype=tl.int32)
+    for m in tl.static_range(M_PAD):
+        if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
+            c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
+        else:
+            c_m = thr
+        row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
+        xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
+        if HAS_CT:  # the same fp32 products as in `_load_tile`, so the union matches
+            ctc = tl.load(CT + kc, mask=kc < K, other=0.0)
+            hit = (tl.abs(xr.to(tl.float32)) > c_m * ctc) & row_ok
+        else:
+            hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
+        active = tl.maximum(active, hit.to(tl.int32))
+    return active
+
+
+@triton.jit
 def _load_tile(X, stride_xm, stride_xk, W, swn, swk, rows, valid, offs_m, m_ok, offs_n, n_ok, cutoff,
                CT, UNION_KNOWN: tl.constexpr, HAS_CT: tl.constexpr, W_EVICT: tl.constexpr = ""):
     """Issue the loads of one step: x[:, rows] and the weight rows some batch row needs.
@@ -149,21 +172,7 @@ def _linear_tile(X, stride_xm, stride_xk, RS, WS, CNT, SCR,
         # 1. which channels of this chunk does any row need? (the union, one row at a time:
         # elementwise ORs only, no cross-thread reduction before the prefix sum)
         offs_c = tl.arange(0, CHUNK)
-        kc = k0 + offs_c
-        active = tl.zeros([CHUNK], dtype=tl.int32)
-        for m in tl.static_range(M_PAD):
-            if HAS_ROW_SCALE:  # rows past M are masked below; clamp to stay in bounds
-                c_m = thr * tl.load(RS + tl.minimum(M - 1, m)).to(tl.float32)
-            else:
-                c_m = thr
-            row_ok = (kc < K) & (tl.full([CHUNK], m, tl.int32) < M)
-            xr = tl.load(X + m * stride_xm + kc * stride_xk, mask=row_ok, other=0.0)
-            if HAS_CT:  # the same fp32 products as in `_load_tile`, so the union matches
-                ctc = tl.load(CT + kc, mask=kc < K, other=0.0)
-                hit = (tl.abs(xr.to(tl.float32)) > c_m * ctc) & row_ok
-            else:
-                hit = (tl.abs(xr.to(tl.float32)) > c_m) & row_ok
-            active = tl.maximum(active, hit.to(tl.int32))
+        active = _chunk_union(X, stride_xm, stride_xk, RS, thr, CT, k0, K, M, CHUNK, M_PAD, HAS_ROW_SCALE, HAS_CT)
         # 2. compact them: the i-th active channel goes to slot i of this chunk's scratch.
         # Every program of the same (output, chunk) writes the same list, so sharing is safe.
         pos = tl.cumsum(active, axis=0) - 1
