@@ -251,3 +251,34 @@ def test_reserved_workspace_serves_every_row_count(bits):
                                             qw.group_size)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         assert rt._BUFFERS[key] is buf and not bool(buf.any())  # reused, and left zeroed
+
+
+def test_a_set_that_fails_to_compile_falls_back_to_the_predicated_configs(monkeypatch):
+    """A Triton that cannot build a config of the default set (the interpreter compiles nothing,
+    so this is where such a failure would first show) costs a warning, not the call."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    ran = []
+
+    class Tuner:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if self.name != "predicated":
+                    raise CompilationError("", ast.parse("x").body[0], "unsupported")
+                ran.append(self.name)
+            return launch
+
+    monkeypatch.setattr(qg, "_tuned", lambda m_pad: Tuner(qg._CONFIG_SET))
+    monkeypatch.setattr(qg, "FAILED_SETS", set())
+    with pytest.warns(RuntimeWarning, match="uses the 'predicated' configs instead"):
+        for _ in range(2):  # the second call goes straight to the fallback
+            qg._run_tuned(1, None, [], {})
+    assert ran == ["predicated", "predicated"] and qg.FAILED_SETS == {"all"}
+    with pytest.raises(CompilationError):  # the predicated set itself failing is not hidden
+        monkeypatch.setattr(qg, "_tuned", lambda m_pad: Tuner("compact"))
+        qg._run_tuned(1, None, [], {})
