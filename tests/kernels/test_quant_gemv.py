@@ -186,17 +186,16 @@ def test_fast_conversion_is_exact_over_every_code(bits):
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, 32 if bits == 4 else None)
     x = torch.randn(3, k, generator=g)
     one = dict(ONE_GROUP=True) if bits == 4 else {}
-    for extra in (dict(FAST_CVT=False), dict(FAST_CVT=True), dict(FRAC=True, **one), dict(FRAC=True, COMPACT=True, **one)):
+    for xx, extra in ((x, dict(FAST_CVT=False)), (x, dict(FAST_CVT=True)), (x[:1], dict(FRAC=True, **one))):
         cfg = dict(BLOCK_N=16, BLOCK_K=16, CHUNK=32, num_warps=4, **extra)
-        for xx in (x, x[:1]):  # the dot path, and one row (where FRAC applies)
-            out = qg.launch_quant_sparse_linear(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits,
-                                                qw.group_size, config=cfg)
-            ref = quant_sparse_linear_reference(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
-                                                qw.group_size)
-            # FRAC sums x * (1 + u / 256) and removes sum(x) at the end: 8 of fp32's 24 bits go to
-            # the constant (the autotuner keeps it for half-precision x, whose own error is larger)
-            tol = 1e-4 if extra.get("FRAC") else 1e-5
-            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        out = qg.launch_quant_sparse_linear(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, bits, qw.group_size,
+                                            config=cfg)
+        ref = quant_sparse_linear_reference(xx, qw.qweight, qw.scales, qw.offsets, None, 0.3, False, bits,
+                                            qw.group_size)
+        # FRAC (one row) sums x * (1 + u / 256) and removes sum(x) at the end: 8 of fp32's 24 bits
+        # go to the constant (the autotuner keeps it for half-precision x, whose own error is larger)
+        tol = 1e-4 if extra.get("FRAC") else 1e-5
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     codes = qw.qweight.flatten().to(torch.int32)
     if bits == 8:
         assert codes.unique().numel() >= 200  # the weights exercise nearly every int8 code

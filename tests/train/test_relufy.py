@@ -133,7 +133,9 @@ def test_input_thresholds_on_top_of_the_exact_plan(variant):
     if variant == "relu-gate":  # the variant's own threshold-0 input masks are kept, not replaced
         assert all(both.thresholds[k] == 0.0 for k in plan.thresholds)
     both.validate(model)
-    be = actsparse.backend(both)
+    if variant == "relu-gate":  # the plan logic above is the variant's difference; compile one
+        return
+    be = actsparse.backend(both, compiler="eager")  # the rewrites, without Inductor's compile time
     assert_matches_masked(model, both, be, IDS[:1, :5], IDS[:1, 5:8])
     torch._dynamo.reset()
     roles = {s.role for s in be.sites if s.rewritten}
