@@ -18,6 +18,7 @@ Without a fine-tune the model's quality drops; ``actsparse.train.distill`` recov
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -237,5 +238,5 @@ def with_input_thresholds(plan: SparsityPlan, other: SparsityPlan) -> SparsityPl
     out = SparsityPlan(thresholds={**own_values, **added}, score=score, method=f"{plan.method}+{other.method}",
                        target=plan.target, measured=plan.measured, model=plan.model,
                        info={**plan.info, "input_thresholds_from": other.method, "input_thresholds_target": other.target},
-                       rules=[r for k, r in plan.rules.items() if k != InputThresholds.kind])
+                       rules=[copy.deepcopy(r) for k, r in plan.rules.items() if k != InputThresholds.kind])
     return out

@@ -126,7 +126,8 @@ def test_input_thresholds_on_top_of_the_exact_plan(variant):
     teal = actsparse.calibrate(model, IDS, method="teal", sparsity=0.5)
     before = copy.deepcopy((plan, teal))
     both = with_input_thresholds(plan, teal)
-    assert (plan, teal) == before  # neither argument changed
+    assert (plan, teal) == before  # neither argument changed, nor shares a rule with the result
+    assert all(both.rules[k] is not r for k, r in plan.rules.items() if k in both.rules)
     downs = set(plan.rule(ExactZeros).modules_)
     assert both.rule(ExactZeros).modules_ == plan.rule(ExactZeros).modules_
     assert not downs & set(both.thresholds) and set(both.thresholds) == (set(teal.thresholds) - downs)
