@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--random-relu: shifted ReLU calibrated to this MLP sparsity on random tokens (a stand-in "
                         "for a fine-tuned relufied model), timed beside the original SiLU model compiled dense")
     p.add_argument("--input-sparsity", type=float, nargs="*", default=[],
-                   help="with --mlp-sparsity: also the exact plan plus TEAL thresholds at this sparsity on the "
-                        "linears it leaves dense (attention, gate/up), calibrated on the relufied model")
+                   help="with --mlp-sparsity or --adapters: also the exact plan plus TEAL (--method) thresholds "
+                        "at this sparsity on the linears it leaves dense (attention, gate/up), calibrated on the "
+                        "relufied model")
     p.add_argument("--ablate", nargs="*", default=[], choices=["gqa", "fuse"],
                    help="with --methods: each sparse variant again without that rewrite (gqa_attention, "
                         "fuse_gated_product), timed in the same rounds")
@@ -232,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ablate takes --methods (the interleaved comparison)")
     if args.mlp_sparsity is not None and (not args.random_relu or not 0 < args.mlp_sparsity < 1):
         p.error("--mlp-sparsity takes --random-relu and a value in (0, 1)")
-    if args.input_sparsity and (args.mlp_sparsity is None or not all(0 < s < 1 for s in args.input_sparsity)):
-        p.error("--input-sparsity takes --mlp-sparsity and values in (0, 1)")
+    if args.input_sparsity and ((args.mlp_sparsity is None and not args.adapters)
+                                or not all(0 < s < 1 for s in args.input_sparsity)):
+        p.error("--input-sparsity takes --mlp-sparsity or --adapters, and values in (0, 1)")
 
     if args.random_relu:
         if args.threads:
@@ -414,7 +416,16 @@ def relufied_run(model, calib, tok, ids: torch.Tensor, cache_len: int, args, res
         m = copy.deepcopy(model)
         actsparse.prepare(m, tplan)
         specs.append((f"{args.method} {s:.0%} (sparse)", m, actsparse.backend(tplan), tplan, s))
-    interleaved_relu_run(specs, relu_dense, plan, f"relufied {meta.get('variant')}", ids, cache_len, args, result)
+    label = f"relufied {meta.get('variant')}"
+    extra = []
+    for s_in in getattr(args, "input_sparsity", []):  # thresholds on the other linears, calibrated on relu
+        from actsparse.train import with_input_thresholds
+
+        tplan = actsparse.calibrate(relu_dense, calib, method=args.method, sparsity=s_in, tokenizer=tok,
+                                    token_budget=args.calib_tokens)
+        extra.append((f"{label} exact + {args.method} {s_in:.0%} inputs (sparse)",
+                      with_input_thresholds(plan, tplan), s_in))
+    interleaved_relu_run(specs, relu_dense, plan, label, ids, cache_len, args, result, extra)
 
 
 def interleaved_relu_run(specs: list, relu_dense, plan, label: str, ids: torch.Tensor, cache_len: int, args,

@@ -89,13 +89,17 @@ def test_relufied_run_interleaves_and_checks(tmp_path):
     save_adapters(student, path, info=plan.info)
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     args = argparse.Namespace(adapters=str(path), sparsity=[], method="teal", calib_tokens=64, new_tokens=4,
-                              repeats=2)
+                              repeats=2, input_sparsity=[0.5])
     result = {"device": "CPU", "rows": []}
-    relufied_run(base, None, None, ids, 16, args, result)
+    calib = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(4))
+    relufied_run(base, calib, None, ids, 16, args, result)
     names = [r["variant"] for r in result["rows"]]
-    assert names == ["dense (inductor)", "relufied relu dense (inductor)", "relufied relu exact (sparse)"]
+    assert names == ["dense (inductor)", "relufied relu dense (inductor)", "relufied relu exact (sparse)",
+                     "relufied relu exact + teal 50% inputs (sparse)"]
     assert len(result["loadavg_rounds"]) == 2
-    exact = result["rows"][-1]
+    both = result["rows"][-1]
+    assert both["input_sparsity"] == 0.5 and both["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
+    exact = result["rows"][-2]
     assert len(exact["runs"]) == 2 and exact["check_vs_masked_eager"]["max_rel_logit_diff"] < 1e-3
     assert 0.0 < exact["sparsity"] < 1.0 and exact["vs_dense"] > 0
 
@@ -152,7 +156,7 @@ def test_mlp_sparsity_needs_random_relu(capsys):
     assert "--mlp-sparsity takes --random-relu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--random-relu", "llama3-1b", "--input-sparsity", "0.5"])
-    assert "--input-sparsity takes --mlp-sparsity" in capsys.readouterr().err
+    assert "--input-sparsity takes --mlp-sparsity or --adapters" in capsys.readouterr().err
 
 
 def test_methods_run_interleaves_every_method(tmp_path):
