@@ -184,8 +184,6 @@ def _quant_gemv_kernel(
         acc_hi = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([M_PAD], dtype=tl.float32)
     cnt = tl.sum(tl.zeros([BLOCK_K], dtype=tl.int32), axis=0)
-    # FRAC: one row only, and only where the constant is removable once per program (the
-    # launcher and config_fits see to both)
 
     k0 = pid_k * CHUNK
     offs_j = tl.arange(0, BLOCK_K)
@@ -230,7 +228,9 @@ def _quant_gemv_kernel(
         part = acc
         part_hi = acc_hi
         xs = xsum
-    if FRAC:  # sums of x * (1 + u / 2^BITS): back to sums of x * code
+    # FRAC (one row, and only where the constant is removable once per program: the launcher
+    # and config_fits see to both): sums of x * (1 + u / 2^BITS) back to sums of x * code
+    if FRAC:
         if BITS == 8:  # u = q + 128
             part = 256.0 * (part - xs[:, None]) - 128.0 * xs[:, None]
         else:
