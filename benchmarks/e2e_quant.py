@@ -20,7 +20,11 @@ weights quantized by torchao (every decoder linear; the output head stays bf16, 
 * ``dense-torchao-int4``: ``Int4WeightOnlyConfig(group_size=128, int4_packing_format=
   "tile_packed_to_4d")`` (tinygemm's ``_weight_int4pack_mm``, bf16, CUDA only);
 * ``sparse-torchao-int8``: the torchao int8 model through ``backend="sparse"``: our quantized
-  GEMV over torchao's int8 data (converted once to input-major storage) at each sparsity.
+  GEMV over torchao's int8 data (converted once to input-major storage) at each sparsity;
+* ``sparse-torchao-intx4``: ``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=
+  PerGroup(128))`` through ``backend="sparse"``, the int4 layout our kernel reads (tinygemm's
+  packed layout is not). Like torchao int8, and unlike ``actsparse.quantize``'s storage, its
+  q/k/v and gate/up run as one call each. Its dense row is torchao's own unpacked path.
 
 A torchao config that fails to build or run is recorded under ``errors`` and the run goes on.
 
@@ -117,11 +121,14 @@ def check_models(args) -> tuple[dict, object]:
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-            model = build(args, seed=3, dtype=torch.float32, layers=2)
-            head = model.get_output_embeddings()
-            quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
-                      filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
-            models["torchao-int8"] = model
+            configs = {"torchao-int8": Int8WeightOnlyConfig(set_inductor_config=False)}
+            if 4 in args.bits:
+                configs["torchao-intx4"] = intx4_config(args)
+            for key, config in configs.items():
+                model = build(args, seed=3, dtype=torch.float32, layers=2)
+                head = model.get_output_embeddings()
+                quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+                models[key] = model
         except Exception:  # noqa: BLE001 - torchao missing or failing: its rows record why
             pass
     return models, plan
@@ -160,27 +167,38 @@ def check(models: dict, plan, args) -> dict:
     return out
 
 
-TORCHAO = {"torchao-int8": 8, "torchao-int4": 4}  # model key -> bits
+def intx4_config(args):
+    """torchao's unpacked int4 (the int4 layout our kernel reads), grouped as our own int4 rows."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(args.group_size or (32 if args.tiny else 128)))
+
+
+TORCHAO = {"torchao-int8": 8, "torchao-int4": 4, "torchao-intx4": 4}  # model key -> bits
+SPARSE_TORCHAO = ("torchao-int8", "torchao-intx4")  # the layouts our kernel reads
 
 
 def row_order(args, torchao: tuple[str, ...] = ()) -> list[tuple[int, str, int | str | None, float | None]]:
     """(batch, kind, model key, sparsity) in the order they run, the comparison the targets name
     first, so that a run cut short by its budget still holds it: per batch the bf16 baseline,
-    then for each width torchao's dense row (else Inductor's) and ours at the first sparsity,
+    then for each width torchao's dense row (else Inductor's), then the sparse rows at the first
+    sparsity (on torchao's data, then on ours),
     then the other dense rows, then the other sparsities. ``torchao``: the torchao models built
-    (their dense rows; sparse rows for torchao-int8, the layout our kernel reads)."""
+    (their dense rows; sparse rows for SPARSE_TORCHAO, the layouts our kernel reads)."""
     rows = []
     for batch in args.batches:
         first = [(batch, "dense", None, None)]
         for b in args.bits:
             ao = [key for key in torchao if TORCHAO[key] == b]
-            first += [(batch, "dense", key, None) for key in ao] or [(batch, "dense", b, None)]
+            first += [(batch, "dense", key, None) for key in ao if key not in SPARSE_TORCHAO[1:]] \
+                or [(batch, "dense", b, None)]
+            first += [(batch, "sparse", key, args.sparsity[0]) for key in ao if key in SPARSE_TORCHAO]
             first.append((batch, "sparse", b, args.sparsity[0]))
-            first += [(batch, "sparse", key, args.sparsity[0]) for key in ao if key == "torchao-int8"]
         rest = [(batch, "dense", key, None) for key in (*args.bits, *torchao)]
         for s in args.sparsity[1:]:
             rest += [(batch, "sparse", b, s) for b in args.bits]
-            rest += [(batch, "sparse", key, s) for key in torchao if key == "torchao-int8"]
+            rest += [(batch, "sparse", key, s) for key in torchao if key in SPARSE_TORCHAO]
         rows += first + [r for r in rest if r not in first]
     return rows
 
@@ -201,6 +219,8 @@ def torchao_models(args, res: dict) -> dict:
     configs = {"torchao-int8": lambda: Int8WeightOnlyConfig(set_inductor_config=tuned)}
     if args.device.startswith("cuda") and not args.tiny:  # tinygemm: bf16 weights on CUDA
         configs["torchao-int4"] = lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    if 4 in args.bits:
+        configs["torchao-intx4"] = lambda: intx4_config(args)
     out = {}
     for key, config in configs.items():
         try:

@@ -32,9 +32,10 @@ def test_tiny_cpu_path(tmp_path, torchao):
     want = {("dense-bf16", 16, 0.0), ("dense-int8", 8, 0.0), ("dense-int4", 4, 0.0),
             ("sparse-int8", 8, 0.5), ("sparse-int4", 4, 0.5), ("sparse-int8", 8, 0.0),
             ("sparse-int4", 4, 0.0)}
-    if torchao == "auto":  # torchao's int8 on the CPU (its int4 tinygemm path is CUDA only)
-        want |= {("dense-torchao-int8", 8, 0.0), ("sparse-torchao-int8", 8, 0.5), ("sparse-torchao-int8", 8, 0.0)}
-        assert "torchao-int8" in res["correctness"] and res["torchao"].startswith("0.")
+    if torchao == "auto":  # torchao's int8 and unpacked int4 on the CPU (its int4 tinygemm path is CUDA only)
+        want |= {("dense-torchao-int8", 8, 0.0), ("sparse-torchao-int8", 8, 0.5), ("sparse-torchao-int8", 8, 0.0),
+                 ("dense-torchao-intx4", 4, 0.0), ("sparse-torchao-intx4", 4, 0.5), ("sparse-torchao-intx4", 4, 0.0)}
+        assert {"torchao-int8", "torchao-intx4"} <= set(res["correctness"]) and res["torchao"].startswith("0.")
     else:
         assert res["torchao"] == "off"
     assert got == want
@@ -54,10 +55,13 @@ def test_defaults_and_errors():
 
 def test_row_order_puts_the_targets_comparison_first():
     a = e2e_quant.parse_args(["--out", "x.json", "--batches", "1", "--sparsity", "0.5", "0.4"])
-    rows = e2e_quant.row_order(a, ("torchao-int8", "torchao-int4"))
-    assert rows[:6] == [(1, "dense", None, None), (1, "dense", "torchao-int8", None), (1, "sparse", 8, 0.5),
-                        (1, "sparse", "torchao-int8", 0.5), (1, "dense", "torchao-int4", None), (1, "sparse", 4, 0.5)]
+    rows = e2e_quant.row_order(a, ("torchao-int8", "torchao-int4", "torchao-intx4"))
+    assert rows[:7] == [(1, "dense", None, None), (1, "dense", "torchao-int8", None), (1, "sparse", "torchao-int8", 0.5),
+                        (1, "sparse", 8, 0.5), (1, "dense", "torchao-int4", None),
+                        (1, "sparse", "torchao-intx4", 0.5), (1, "sparse", 4, 0.5)]
     assert len(rows) == len(set(rows))
-    assert {(1, "dense", 8, None), (1, "dense", 4, None), (1, "sparse", 8, 0.4)} <= set(rows)
+    assert {(1, "dense", 8, None), (1, "dense", 4, None), (1, "sparse", 8, 0.4), (1, "dense", "torchao-intx4", None),
+            (1, "sparse", "torchao-intx4", 0.4)} <= set(rows)
+    assert (1, "sparse", "torchao-int4", 0.5) not in rows  # tinygemm's packed layout: dense only
     no_ao = e2e_quant.row_order(a)
     assert no_ao[:3] == [(1, "dense", None, None), (1, "dense", 8, None), (1, "sparse", 8, 0.5)]
