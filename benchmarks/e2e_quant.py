@@ -233,6 +233,14 @@ def torchao_models(args, res: dict) -> dict:
     return out
 
 
+def cudagraph_skips() -> int:
+    """Graphs Inductor has so far compiled without CUDA graphs (a row whose step is not replayed
+    from a graph pays for every launch from Python)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
@@ -297,6 +305,7 @@ def main(argv=None) -> int:
             continue
         ids = torch.randint(3, vocab, (batch, 32), device=args.device, generator=g)
         t0 = time.time()
+        skips0 = cudagraph_skips()
         try:
             rate = lean_decode_rate(models[key], backend_for(plans[s] if kind == "sparse" else None, args), ids,
                                args.new_tokens, args.repeats)
@@ -307,7 +316,8 @@ def main(argv=None) -> int:
         if kind == "dense" and key is None:
             dense_rate[batch] = rate
         row = {"variant": variant, "bits": bits or 16, "batch": batch, "sparsity": s or 0.0, "tok_s": rate,
-               "vs_dense": rate / dense_rate[batch], "seconds": time.time() - t0}
+               "vs_dense": rate / dense_rate[batch], "seconds": time.time() - t0,
+               "cudagraph_skips": cudagraph_skips() - skips0}
         res["rows"].append(row)
         save()
         print(f"batch {batch} {variant:>20} {row['sparsity']:.0%}: {rate:9.1f} tok/s  x{row['vs_dense']:.2f}"
