@@ -15,7 +15,7 @@ graphs shrink but do not remove. Kernel counts per token tell how many launches 
 models): the bf16 model dense, the quantized copy dense, and the quantized copy sparse at each
 sparsity, with the plan calibrated on the bf16 model. Its rows have no ``limit_tok_s``.
 
-Rows: ``{"variant", "batch", "sparsity", "tok_s", "vs_dense", "limit_tok_s", "wall_us",
+Rows: ``{"variant", "batch", "sparsity", "tok_s", "vs_dense", "limit_tok_s", "cudagraph_skips", "wall_us",
 "busy_us", "idle_us", "kernels", "by_kind": {kind: {"us", "count"}}, "top": [...]}``, per token;
 ``top`` lists the kernels that take the most time, by name.
 """
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import actsparse
     from actsparse.models import shaped
     from benchmarks.e2e import _dense_backend, ablation_variants, calibrate_on_tokens
+    from benchmarks.e2e_quant import cudagraph_skips
     from benchmarks.harness import write_json
     from benchmarks.weight_limit import bytes_per_step, gemv_bandwidth, limit_tok_s
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             if m is model:  # quantized weights are stored input-major already
                 actsparse.prepare(m, plan)
         backend = actsparse.backend(plan, cudagraphs=True, **opts) if plan is not None else _dense_backend()
+        skips0 = cudagraph_skips()
         kernels, wall = profile_step_kernels(m, backend, ids, args.steps)
         row = summarize(kernels, args.steps * args.batch, wall)
         tok_s = 1e6 / wall
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"variant": name, "batch": args.batch, "options": opts,
                "sparsity": s or 0.0, "tok_s": tok_s, "vs_dense": tok_s / dense_tok_s,
                "limit_tok_s": None if m is not model else limit_tok_s(bytes_per_step(m, plan, args.batch), gemv_bw,
-                                                                      args.batch), **row}
+                                                                      args.batch),
+               "cudagraph_skips": cudagraph_skips() - skips0, **row}
         res["rows"].append(row)
         write_json(out, res)
         kinds = "  ".join(f"{k} {v['us']:.0f}us/{v['count']:.0f}" for k, v in row["by_kind"].items())
