@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import actsparse
     from actsparse.models import shaped
     from benchmarks.e2e import _dense_backend, ablation_variants, calibrate_on_tokens
-    from benchmarks.e2e_quant import cudagraph_skips
-    from benchmarks.harness import write_json
+    from benchmarks.harness import cudagraph_skips, write_json
     from benchmarks.weight_limit import bytes_per_step, gemv_bandwidth, limit_tok_s
 
     res = {"gpu": torch.cuda.get_device_name(),

@@ -177,6 +177,7 @@ def intx4_config(args):
 
 TORCHAO = {"torchao-int8": 8, "torchao-int4": 4, "torchao-intx4": 4}  # model key -> bits
 SPARSE_TORCHAO = ("torchao-int8", "torchao-intx4")  # the layouts our kernel reads
+BASELINE_TORCHAO = ("torchao-int8", "torchao-int4")  # the dense rows the targets compare against
 
 
 def row_order(args, torchao: tuple[str, ...] = ()) -> list[tuple[int, str, int | str | None, float | None]]:
@@ -191,7 +192,7 @@ def row_order(args, torchao: tuple[str, ...] = ()) -> list[tuple[int, str, int |
         first = [(batch, "dense", None, None)]
         for b in args.bits:
             ao = [key for key in torchao if TORCHAO[key] == b]
-            first += [(batch, "dense", key, None) for key in ao if key not in SPARSE_TORCHAO[1:]] \
+            first += [(batch, "dense", key, None) for key in ao if key in BASELINE_TORCHAO] \
                 or [(batch, "dense", b, None)]
             first += [(batch, "sparse", key, args.sparsity[0]) for key in ao if key in SPARSE_TORCHAO]
             first.append((batch, "sparse", b, args.sparsity[0]))
@@ -233,19 +234,12 @@ def torchao_models(args, res: dict) -> dict:
     return out
 
 
-def cudagraph_skips() -> int:
-    """Graphs Inductor has so far compiled without CUDA graphs (a row whose step is not replayed
-    from a graph pays for every launch from Python)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["cudagraph_skips"])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     import actsparse
     from benchmarks.e2e import calibrate_on_tokens, lean_decode_rate
+    from benchmarks.harness import cudagraph_skips
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

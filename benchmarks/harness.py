@@ -56,6 +56,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cudagraph_skips() -> int:
+    """Graphs Inductor has so far compiled without CUDA graphs (a row whose step is not replayed
+    from a graph pays for every launch from Python)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 

@@ -24,6 +24,7 @@ the GGUF over in two parts and runs the longer recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -84,8 +85,6 @@ def mlp_bytes_fraction(model, sparsity: float) -> float:
 
 def evaluate(model, tokenizer, text: str, args, label: str, plan=None) -> dict:
     """Perplexity and MLP zeros of ``model``, with ``plan``'s thresholds applied by hooks if given."""
-    import contextlib
-
     from actsparse.eval import perplexity
     from actsparse.eval.masked import masked
     from actsparse.train import ZeroCounter
