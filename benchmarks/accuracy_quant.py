@@ -11,7 +11,10 @@ teal-greedy plans are calibrated ONCE on the fp32 model and applied unchanged to
 fingerprint allows. The check answers the project's target: quantization adds no more to the
 sparse model's perplexity than it adds to the dense one (``increase[s] <= increase[0]``).
 ``--plan-on self`` calibrates each format's plan on its own model instead (sparse rows only),
-which separates the plan transfer's share of the cost from quantization's own. With several
+which separates the plan transfer's share of the cost from quantization's own. ``--rounding
+gptq`` quantizes with GPTQ on the calibration text; ``gptq-plan`` does so once per sparse row,
+on the inputs that row's plan leaves (``actsparse.quantize(..., plan=)``), so those weights
+are fitted to the sparse model they run in. With several
 models and ``--jobs`` > 1 each model runs in its own process and the parent merges.
 """
 
@@ -82,10 +85,26 @@ class QuantMaskObserver(MaskObserver):
 INT4_CLIPS = {"minmax": ("", {}), "mse": ("-mse", {"clip": "mse"}), "mse-act": ("-mseact", {"clip": "mse"})}
 
 
-def variants(group_size: int, int4_clip: str = "minmax") -> list[tuple[str, int | None, int | None]]:
+#: ``--rounding`` choices: label suffix. "gptq-plan" quantizes once per sparse row, with GPTQ's
+#: Hessians taken under that row's plan (its dense row is plain "gptq").
+ROUNDINGS = {"nearest": "", "gptq": "-gptq", "gptq-plan": "-gptqplan"}
+
+
+def variants(group_size: int, int4_clip: str = "minmax", rounding: str = "nearest") -> list[tuple[str, int | None, int | None]]:
     """(label, bits, group_size) of each weight format evaluated."""
-    return [("fp32", None, None), ("int8", 8, None),
-            (f"int4-g{group_size}{INT4_CLIPS[int4_clip][0]}", 4, group_size)]
+    r = ROUNDINGS[rounding]
+    return [("fp32", None, None), (f"int8{r}", 8, None),
+            (f"int4-g{group_size}{INT4_CLIPS[int4_clip][0]}{r}", 4, group_size)]
+
+
+def quantize_options(bits: int, int4_clip: str, rounding: str, tokens) -> dict:
+    """``actsparse.quantize`` keyword options of one format (without the plan of "gptq-plan")."""
+    opts = dict(INT4_CLIPS[int4_clip][1]) if bits == 4 else {}
+    if rounding != "nearest":
+        opts.update(rounding="gptq", tokens=tokens)
+    elif bits == 4 and int4_clip == "mse-act":
+        opts["tokens"] = tokens
+    return opts
 
 
 def run_model(name: str, args, out: Path) -> dict:
@@ -112,17 +131,18 @@ def run_model(name: str, args, out: Path) -> dict:
         log(f"{name}: calibrated on {label} in {data['calibration_seconds'][label]} s")
         return {t: cal.plan(METHOD, t) for t in args.targets}, sum(s.params for s in masked_sites(cal.sites))
 
-    formats = [v for v in variants(args.group_size, args.int4_clip) if v[0].split("-")[0] in args.formats]
-    clip_opts = dict(INT4_CLIPS[args.int4_clip][1])
-    if args.int4_clip == "mse-act":  # the calibration text, as the plans use it
-        ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.calib_tokens]
-        clip_opts["tokens"] = ids[:, : ids.shape[1] // args.window * args.window].reshape(-1, args.window)
+    formats = [v for v in variants(args.group_size, args.int4_clip, args.rounding)
+               if v[0].split("-")[0] in args.formats]
+    ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.calib_tokens]  # the calibration text, as the plans use it
+    ids = ids[:, : ids.shape[1] // args.window * args.window].reshape(-1, args.window)
+    if args.rounding == "gptq-plan" and args.plan_on != "fp32":
+        raise SystemExit("--rounding gptq-plan takes the fp32 plans (--plan-on fp32)")
     plans, total = {}, None
     if args.plan_on == "fp32" and any((v[0], t) not in done for v in formats for t in args.targets):
         plans, total = calibrate(base, "fp32")
     for label, bits, gs in formats:
-        model = base if bits is None else actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs,
-                                                             **(clip_opts if bits == 4 else {}))
+        opts = {} if bits is None else quantize_options(bits, args.int4_clip, args.rounding, ids)
+        model = base if bits is None else actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs, **opts)
         if args.plan_on == "self" and any((label, t) not in done for t in args.targets):
             plans, total = calibrate(model, label)
         for target in (None, *args.targets):
@@ -137,7 +157,11 @@ def run_model(name: str, args, out: Path) -> dict:
             else:
                 plan, observer = plans[target], QuantMaskObserver(total)
                 torch._dynamo.reset()
-                fwd = torch.compile(model, backend=QuantObservingBackend(plan, observer))
+                target_model = model
+                if bits is not None and args.rounding == "gptq-plan":  # the weights fitted to this plan
+                    target_model = actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs, plan=plan, **opts)
+                    row["quantized_under_plan"] = True
+                fwd = torch.compile(target_model, backend=QuantObservingBackend(plan, observer))
                 row.update({"method": METHOD, "overall_sparsity": plan.overall_sparsity,
                             "plan_info": _plan_summary(plan),
                             "plan_calibrated_on": "fp32" if args.plan_on == "fp32" else label,
@@ -178,6 +202,7 @@ def _config(args, split: dict) -> dict:
             "calibration_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "window": args.window,
             "method": METHOD, "targets": list(args.targets), "greedy_step": args.greedy_step,
             "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size, "int4_clip": args.int4_clip,
+            "rounding": args.rounding,
             "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies"
                     if args.plan_on == "fp32" else "calibrated on each format's own model",
             "compiler": "actsparse backend, compiler='eager' (masked graph without Inductor)",
@@ -202,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--int4-clip", choices=list(INT4_CLIPS), default="minmax",
         help="int4 ranges: each group's min..max, the least-squared-error range, or that error "
              "weighted by the calibration text's activations (actsparse.quantize's clip and tokens)")
+    add("--rounding", choices=list(ROUNDINGS), default="nearest",
+        help="int8 and int4 rounding: nearest, GPTQ on the calibration text's inputs, or GPTQ on the "
+             "inputs each sparse row's plan leaves (one quantization per row; actsparse.quantize's "
+             "rounding, tokens and plan)")
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
     add("--calib-tokens", type=int, default=4096)

@@ -4,6 +4,7 @@
     model = actsparse.quantize(model, bits=4, group_size=64)   # int4, groups along the input
     model = actsparse.quantize(model, bits=8, group_size=32)   # int8, groups along the input (GGUF Q8_0's layout)
     model = actsparse.quantize(model, bits=4, clip="mse", tokens=ids)  # int4 ranges fitted, weighted by activations
+    model = actsparse.quantize(model, bits=4, rounding="gptq", tokens=ids, plan=plan)  # GPTQ for the sparse model
 
 Every nn.Linear except the output head (the decoder's linears, the ones a plan can mask)
 becomes a ``QuantLinear``; embeddings and the LM head keep their dtype. The quantized model
@@ -21,7 +22,10 @@ from .linear import QuantLinear
 from .storage import (BITS, CLIPS, GROUP_SIZES, QuantizedWeight, check_options, dequantize_input_major,
                       quantize_weight)
 
-__all__ = ["BITS", "CLIPS", "GROUP_SIZES", "QuantLinear", "QuantizedWeight", "dequantize_input_major", "quantize",
+#: ``rounding=`` choices: each weight to its nearest code, or GPTQ's error feedback (``gptq.py``).
+ROUNDINGS = ("nearest", "gptq")
+
+__all__ = ["BITS", "CLIPS", "GROUP_SIZES", "ROUNDINGS", "QuantLinear", "QuantizedWeight", "dequantize_input_major", "quantize",
            "quantize_weight", "quantizable_linears"]
 
 
@@ -72,7 +76,8 @@ def activation_importance(model: nn.Module, linears: dict[str, nn.Linear], token
 
 
 def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, clip: str = "minmax",
-             tokens: torch.Tensor | None = None) -> nn.Module:
+             tokens: torch.Tensor | None = None, rounding: str = "nearest", plan=None,
+             progress: bool = False) -> nn.Module:
     """Replace the model's linears (not the output head) by quantized ones, in place.
 
     ``bits``: 8 (symmetric int8, one scale per output channel, or with ``group_size`` one per
@@ -81,26 +86,55 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
     largest that divides every layer's input width). ``clip`` (int4): ``"minmax"`` (each
     group's full range) or ``"mse"`` (the range with the least squared error, weighted per
     input channel by its activations' mean square over ``tokens`` [batch, seq] when given).
-    Returns the model.
+    ``rounding``: ``"nearest"`` or ``"gptq"`` (each linear's output error over ``tokens``
+    minimised, see ``actsparse.quant.gptq``; needs ``tokens``); with ``plan`` (a
+    ``SparsityPlan`` of this model), GPTQ minimises the error of the sparse model under that plan.
+    The storage, and so the kernels, are the same whichever rounding. ``progress``: a progress
+    bar over the linears. Returns the model.
     """
     check_options(bits, group_size)
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
-    if tokens is not None and (clip != "mse" or bits != 4):
-        raise ValueError("tokens= weights int4's clip search: it takes bits=4 and clip='mse'")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "gptq" and tokens is None:
+        raise ValueError("rounding='gptq' needs tokens= (calibration token ids [batch, seq]): its error is "
+                         "measured on the inputs they produce")
+    if rounding == "nearest" and tokens is not None and (clip != "mse" or bits != 4):
+        raise ValueError("tokens= weights int4's clip search (bits=4, clip='mse') or feeds rounding='gptq'")
+    if plan is not None and rounding != "gptq":
+        raise ValueError("plan= tunes GPTQ's rounding to the sparse model: it takes rounding='gptq'")
+    if plan is not None and not hasattr(plan, "thresholds"):
+        raise TypeError(f"plan must be an actsparse.SparsityPlan, got {type(plan).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     linears = quantizable_linears(model)
     if not linears:
         raise ValueError("the model has no nn.Linear to quantize (besides its output head)")
-    importance = activation_importance(model, linears, tokens) if tokens is not None else {}
     if bits == 4 or group_size is not None:
         group_size = _group_size(linears, group_size)
         odd = [f"{n} ({m.out_features})" for n, m in linears.items() if m.out_features % 2]
         if odd:
             raise ValueError(f"int4 stores two outputs per byte; odd output widths: {', '.join(odd[:4])}")
-    for name, lin in linears.items():
+    from ..eval.perplexity import progress_bar
+
+    def replace(name: str, layer: QuantLinear) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(lin, bits, group_size, clip, importance.get(name)))
+        setattr(parent, child, layer)
+
+    if rounding == "gptq":
+        from .gptq import gptq_quantize, input_hessians
+
+        hessians = input_hessians(model, linears, tokens, plan)
+        missing = [n for n in linears if n not in hessians]
+        if missing:
+            raise ValueError(f"rounding='gptq': {', '.join(missing[:4])} got no input over tokens= (a linear "
+                             "the forward never calls cannot be fitted)")
+        for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"GPTQ int{bits}", enabled=progress):
+            replace(name, QuantLinear(gptq_quantize(lin.weight, hessians.pop(name), bits, group_size, clip), lin.bias))
+        return model
+    importance = activation_importance(model, linears, tokens) if tokens is not None else {}
+    for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"quantize int{bits}", enabled=progress):
+        replace(name, QuantLinear.from_linear(lin, bits, group_size, clip, importance.get(name)))
     return model

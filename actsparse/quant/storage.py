@@ -99,13 +99,29 @@ def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedWeight:
     return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, group_size or 0, n, k)
 
 
-def _int4_range(wg: Tensor, lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def int4_range(wg: Tensor, lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(codes [groups, G, N], scales, offsets in ``dtype``) for the range lo..hi per (group, output)."""
     span = hi - lo
     scales = torch.where(span > 0, span / 15, torch.ones_like(span)).to(dtype)
     offsets = lo.to(dtype)
     q = torch.round((wg - offsets.float()[:, None]) / scales.float()[:, None]).clamp_(0, 15)
     return q, scales, offsets
+
+
+def mse_range(wg: Tensor, lo: Tensor, hi: Tensor, importance: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The range ``lo..hi`` of each (group, output) of ``wg`` [groups, G, N] shrunk by the factor
+    of ``SHRINKS`` with the least squared error, each input channel's error weighted by
+    ``importance`` [groups, G, 1]."""
+    best = factor = None
+    for f in SHRINKS:
+        q, sc, off = int4_range(wg, lo * f, hi * f, dtype)
+        err = (importance * (q * sc.float()[:, None] + off.float()[:, None] - wg) ** 2).sum(dim=1)  # [groups, N]
+        if best is None:
+            best, factor = err, torch.full_like(err, f)
+        else:
+            better = err < best
+            best, factor = torch.where(better, err, best), torch.where(better, f, factor)
+    return lo * factor, hi * factor
 
 
 def quantize_int4(w: Tensor, group_size: int, clip: str = "minmax", importance: Tensor | None = None) -> QuantizedWeight:
@@ -120,18 +136,8 @@ def quantize_int4(w: Tensor, group_size: int, clip: str = "minmax", importance: 
     lo, hi = wg.amin(dim=1), wg.amax(dim=1)
     if clip == "mse":
         imp = torch.ones(k) if importance is None else importance.detach().float().reshape(-1).cpu()
-        imp = imp.to(wg.device).reshape(k // group_size, group_size, 1)
-        best = None
-        for f in SHRINKS:
-            q, sc, off = _int4_range(wg, lo * f, hi * f, w.dtype)
-            err = (imp * (q * sc.float()[:, None] + off.float()[:, None] - wg) ** 2).sum(dim=1)  # [groups, N]
-            if best is None:
-                best, factor = err, torch.full_like(err, f)
-            else:
-                better = err < best
-                best, factor = torch.where(better, err, best), torch.where(better, f, factor)
-        lo, hi = lo * factor, hi * factor
-    q, scales, offsets = _int4_range(wg, lo, hi, w.dtype)
+        lo, hi = mse_range(wg, lo, hi, imp.to(wg.device).reshape(k // group_size, group_size, 1), w.dtype)
+    q, scales, offsets = int4_range(wg, lo, hi, w.dtype)
     packed = pack_int4(q.reshape(k, n))
     return QuantizedWeight(packed, scales.contiguous(), offsets.contiguous(), 4, group_size, n, k)
 

@@ -94,3 +94,25 @@ def test_int4_clip_variants_are_labelled():
     assert build_parser().parse_args(["--int4-clip", "mse"]).int4_clip == "mse"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--int4-clip", "gptq"])
+
+
+def test_rounding_variants_and_their_quantize_options():
+    from benchmarks.accuracy_quant import build_parser, quantize_options, variants
+
+    assert [v[0] for v in variants(64, "mse-act", "gptq")] == ["fp32", "int8-gptq", "int4-g64-mseact-gptq"]
+    assert variants(32, "minmax", "gptq-plan")[1] == ("int8-gptqplan", 8, None)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    assert quantize_options(8, "mse-act", "nearest", ids) == {}
+    assert quantize_options(4, "minmax", "nearest", ids) == {}
+    assert quantize_options(4, "mse-act", "nearest", ids) == {"clip": "mse", "tokens": ids}
+    assert quantize_options(8, "mse", "gptq", ids) == {"rounding": "gptq", "tokens": ids}
+    assert quantize_options(4, "mse", "gptq-plan", ids) == {"clip": "mse", "rounding": "gptq", "tokens": ids}
+    model = tiny("llama", intermediate_size=96)
+    for bits in (8, 4):  # every option set is one actsparse.quantize accepts
+        for clip in ("minmax", "mse", "mse-act"):
+            for rounding in ("nearest", "gptq"):
+                actsparse.quantize(copy.deepcopy(model), bits=bits, group_size=32,
+                                   **quantize_options(bits, clip, rounding, torch.randint(3, 100, (2, 8))))
+    assert build_parser().parse_args(["--rounding", "gptq-plan"]).rounding == "gptq-plan"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--rounding", "awq"])
