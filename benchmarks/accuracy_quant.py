@@ -85,9 +85,11 @@ class QuantMaskObserver(MaskObserver):
 INT4_CLIPS = {"minmax": ("", {}), "mse": ("-mse", {"clip": "mse"}), "mse-act": ("-mseact", {"clip": "mse"})}
 
 
-#: ``--rounding`` choices: label suffix. "gptq-plan" quantizes once per sparse row, with GPTQ's
-#: Hessians taken under that row's plan (its dense row is plain "gptq").
-ROUNDINGS = {"nearest": "", "gptq": "-gptq", "gptq-plan": "-gptqplan"}
+#: ``--rounding`` choices: label suffix. "...-plan" quantizes once per sparse row, with GPTQ's
+#: Hessians taken under that row's plan (its dense row is GPTQ without a plan); "gptq-act" is
+#: GPTQ's act order (``actsparse.quantize(rounding="gptq-act")``).
+ROUNDINGS = {"nearest": "", "gptq": "-gptq", "gptq-plan": "-gptqplan", "gptq-act": "-gptqact",
+             "gptq-act-plan": "-gptqactplan"}
 
 
 def variants(group_size: int, int4_clip: str = "minmax", rounding: str = "nearest") -> list[tuple[str, int | None, int | None]]:
@@ -101,7 +103,7 @@ def quantize_options(bits: int, int4_clip: str, rounding: str, tokens) -> dict:
     """``actsparse.quantize`` keyword options of one format (without the plan of "gptq-plan")."""
     opts = dict(INT4_CLIPS[int4_clip][1]) if bits == 4 else {}
     if rounding != "nearest":
-        opts.update(rounding="gptq", tokens=tokens)
+        opts.update(rounding=rounding.removesuffix("-plan"), tokens=tokens)
     elif bits == 4 and int4_clip == "mse-act":
         opts["tokens"] = tokens
     return opts
@@ -135,8 +137,8 @@ def run_model(name: str, args, out: Path) -> dict:
                if v[0].split("-")[0] in args.formats]
     ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.calib_tokens]  # the calibration text, as the plans use it
     ids = ids[:, : ids.shape[1] // args.window * args.window].reshape(-1, args.window)
-    if args.rounding == "gptq-plan" and args.plan_on != "fp32":
-        raise SystemExit("--rounding gptq-plan takes the fp32 plans (--plan-on fp32)")
+    if args.rounding.endswith("-plan") and args.plan_on != "fp32":
+        raise SystemExit(f"--rounding {args.rounding} takes the fp32 plans (--plan-on fp32)")
     plans, total = {}, None
     if args.plan_on == "fp32" and any((v[0], t) not in done for v in formats for t in args.targets):
         plans, total = calibrate(base, "fp32")
@@ -158,7 +160,7 @@ def run_model(name: str, args, out: Path) -> dict:
                 plan, observer = plans[target], QuantMaskObserver(total)
                 torch._dynamo.reset()
                 target_model = model
-                if bits is not None and args.rounding == "gptq-plan":  # the weights fitted to this plan
+                if bits is not None and args.rounding.endswith("-plan"):  # the weights fitted to this plan
                     target_model = actsparse.quantize(copy.deepcopy(base), bits=bits, group_size=gs, plan=plan, **opts)
                     row["quantized_under_plan"] = True
                 fwd = torch.compile(target_model, backend=QuantObservingBackend(plan, observer))
@@ -228,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="int4 ranges: each group's min..max, the least-squared-error range, or that error "
              "weighted by the calibration text's activations (actsparse.quantize's clip and tokens)")
     add("--rounding", choices=list(ROUNDINGS), default="nearest",
-        help="int8 and int4 rounding: nearest, GPTQ on the calibration text's inputs, or GPTQ on the "
-             "inputs each sparse row's plan leaves (one quantization per row; actsparse.quantize's "
-             "rounding, tokens and plan)")
+        help="int8 and int4 rounding: nearest, GPTQ on the calibration text's inputs (gptq, or "
+             "gptq-act: act order), or either on the inputs each sparse row's plan leaves (-plan: one "
+             "quantization per row; actsparse.quantize's rounding, tokens and plan)")
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
     add("--calib-tokens", type=int, default=4096)

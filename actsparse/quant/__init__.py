@@ -22,8 +22,9 @@ from .linear import QuantLinear
 from .storage import (BITS, CLIPS, GROUP_SIZES, QuantizedWeight, check_options, dequantize_input_major,
                       quantize_weight)
 
-#: ``rounding=`` choices: each weight to its nearest code, or GPTQ's error feedback (``gptq.py``).
-ROUNDINGS = ("nearest", "gptq")
+#: ``rounding=`` choices: each weight to its nearest code, or GPTQ's error feedback (``gptq.py``)
+#: with the channels in order or ("gptq-act") those with the largest inputs first.
+ROUNDINGS = ("nearest", "gptq", "gptq-act")
 
 __all__ = ["BITS", "CLIPS", "GROUP_SIZES", "ROUNDINGS", "QuantLinear", "QuantizedWeight", "dequantize_input_major", "quantize",
            "quantize_weight", "quantizable_linears"]
@@ -86,8 +87,9 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
     largest that divides every layer's input width). ``clip`` (int4): ``"minmax"`` (each
     group's full range) or ``"mse"`` (the range with the least squared error, weighted per
     input channel by its activations' mean square over ``tokens`` [batch, seq] when given).
-    ``rounding``: ``"nearest"`` or ``"gptq"`` (each linear's output error over ``tokens``
-    minimised, see ``actsparse.quant.gptq``; needs ``tokens``); with ``plan`` (a
+    ``rounding``: ``"nearest"``, ``"gptq"`` (each linear's output error over ``tokens``
+    minimised, see ``actsparse.quant.gptq``; needs ``tokens``) or ``"gptq-act"`` (the same,
+    channels with the largest inputs rounded first: GPTQ's act order); with ``plan`` (a
     ``SparsityPlan`` of this model), GPTQ minimises the error of the sparse model under that plan.
     The storage, and so the kernels, are the same whichever rounding. ``progress``: a progress
     bar over the linears. Returns the model.
@@ -97,13 +99,13 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
         raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if rounding == "gptq" and tokens is None:
-        raise ValueError("rounding='gptq' needs tokens= (calibration token ids [batch, seq]): its error is "
+    if rounding != "nearest" and tokens is None:
+        raise ValueError(f"rounding={rounding!r} needs tokens= (calibration token ids [batch, seq]): its error is "
                          "measured on the inputs they produce")
     if rounding == "nearest" and tokens is not None and (clip != "mse" or bits != 4):
         raise ValueError("tokens= weights int4's clip search (bits=4, clip='mse') or feeds rounding='gptq'")
-    if plan is not None and rounding != "gptq":
-        raise ValueError("plan= tunes GPTQ's rounding to the sparse model: it takes rounding='gptq'")
+    if plan is not None and rounding == "nearest":
+        raise ValueError("plan= tunes GPTQ's rounding to the sparse model: it takes rounding='gptq' or 'gptq-act'")
     if plan is not None and not hasattr(plan, "thresholds"):
         raise TypeError(f"plan must be an actsparse.SparsityPlan, got {type(plan).__name__}")
     if not isinstance(model, nn.Module):
@@ -123,16 +125,17 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
 
-    if rounding == "gptq":
+    if rounding != "nearest":
         from .gptq import gptq_quantize, input_hessians
 
         hessians = input_hessians(model, linears, tokens, plan)
         missing = [n for n in linears if n not in hessians]
         if missing:
-            raise ValueError(f"rounding='gptq': {', '.join(missing[:4])} got no input over tokens= (a linear "
+            raise ValueError(f"rounding={rounding!r}: {', '.join(missing[:4])} got no input over tokens= (a linear "
                              "the forward never calls cannot be fitted)")
         for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"GPTQ int{bits}", enabled=progress):
-            replace(name, QuantLinear(gptq_quantize(lin.weight, hessians.pop(name), bits, group_size, clip), lin.bias))
+            qw = gptq_quantize(lin.weight, hessians.pop(name), bits, group_size, clip, act_order=rounding == "gptq-act")
+            replace(name, QuantLinear(qw, lin.bias))
         return model
     importance = activation_importance(model, linears, tokens) if tokens is not None else {}
     for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"quantize int{bits}", enabled=progress):

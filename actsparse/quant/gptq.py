@@ -8,16 +8,16 @@ tokens: after input channel k is rounded, the remaining columns move by
 ``-err_k * Hinv[k, k+1:] / Hinv[k, k]`` so that correlated channels absorb the error.
 
 A sparse model's linears do not get X: they get X with the plan's masks applied. Given the
-plan, the Hessian is taken over those masked inputs (``sparse_hessians``), so the error is
+plan, the Hessian is taken over those masked inputs (``input_hessians(..., plan)``), so the error is
 placed where the sparse model does not look: channels the plan mostly zeroes weigh little in H
 and take the compensation. Such a model is tuned to that plan; with no plan it is tuned to dense
 decoding.
 
 All Hessians come from one forward pass of the unquantized model. The paper quantizes block by
-block on the inputs of the blocks already quantized; on SmolLM2-135M (int4, group 64) that was
-both worse (perplexity 45.7 against 43.9) and four times slower, so it is not done. The storage is the one ``actsparse.quant.storage`` documents: each group's
-range is chosen when the loop reaches its first channel, from the weights as the earlier
-updates left them (its full range, or the ``clip="mse"`` range weighted by H's diagonal).
+block on the inputs of the blocks already quantized; on SmolLM2-135M's int4 that was both worse
+and four times slower, so it is not done. The storage is the one ``actsparse.quant.storage``
+documents; each group's range is its full range, or the ``clip="mse"`` range weighted by H's
+diagonal (see ``gptq_quantize`` for when it is chosen).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .storage import QuantizedWeight, int4_range, check_options, mse_range, pack_int4
+from .storage import QuantizedWeight, check_options, int4_range, mse_range, pack_int4
 
 #: Diagonal damping, as a fraction of H's mean diagonal: keeps H invertible where channels are
 #: dead or masked in every calibration token.
@@ -97,10 +97,16 @@ def _inverse_cholesky(h: Tensor) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int | None = None,
-                  clip: str = "minmax") -> QuantizedWeight:
+                  clip: str = "minmax", act_order: bool = False) -> QuantizedWeight:
     """Quantize an nn.Linear weight [N, K] with GPTQ against ``hessian`` [K, K] (``X^T X / n``),
     to the same storage as ``quantize_weight`` (int8 per output channel or per group; int4 per
-    group with ``clip`` as there, weighted by H's diagonal)."""
+    group with ``clip`` as there, weighted by H's diagonal).
+
+    ``act_order``: round the channels with the largest inputs first (descending H diagonal), so
+    their error is spread over the most channels still free; each group's range is then fixed
+    beforehand from the original weights ("static groups"), since a group's channels are no
+    longer rounded together. Otherwise channels go in order and a group's range is chosen when
+    the loop reaches it, from the weights as the earlier updates left them."""
     check_options(bits, group_size)
     n, k = w.shape
     if hessian.shape != (k, k):
@@ -114,35 +120,45 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int | None 
         raise ValueError(f"int4 needs an even number of outputs (two per byte), got {n}")
     dev = w.device
     hessian = hessian.to(dev, torch.float32)
-    u = _inverse_cholesky(hessian)
+    diag = hessian.diagonal()
     weights = w.detach().float().clone()  # [N, K], updated in place as columns are quantized
-    codes = torch.empty(k, n, dtype=torch.float32, device=dev)
     scales = torch.empty(k // g, n, dtype=w.dtype, device=dev)
     offsets = torch.empty(k // g, n, dtype=w.dtype, device=dev) if bits == 4 else None
-    diag = hessian.diagonal()
-    sc = off = None
+
+    def fix_range(grp: int, src: Tensor) -> None:  # src [N, G]: the group's weights
+        sc, off = _group_range(src.t()[None], bits, clip, diag[grp * g:(grp + 1) * g], w.dtype)
+        scales[grp] = sc[0]
+        if offsets is not None:
+            offsets[grp] = off[0]
+
+    order = torch.arange(k, device=dev)
+    if act_order:
+        order = torch.argsort(diag, descending=True, stable=True)
+        for grp in range(k // g):
+            fix_range(grp, weights[:, grp * g:(grp + 1) * g])
+        weights = weights[:, order]
+        hessian = hessian[order][:, order]
+    u = _inverse_cholesky(hessian)  # in the rounding order
+    codes = torch.empty(k, n, dtype=torch.float32, device=dev)  # by original channel
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         blk = weights[:, b0:b1].clone()
         errs = torch.empty_like(blk)
         for j in range(b1 - b0):
             c = b0 + j
-            if c % g == 0:  # a new group: choose its range from the weights as they are now
-                src = blk[:, j:j + g] if j + g <= b1 - b0 else weights[:, c:c + g]  # int8 per channel: g = K
-                wg = src.t()[None]  # [1, G, N]
-                sc, off = _group_range(wg, bits, clip, diag[c:c + g], w.dtype)
-                scales[c // g] = sc[0]
-                if offsets is not None:
-                    offsets[c // g] = off[0]
+            ch = int(order[c])
+            if not act_order and c % g == 0:  # a new group: its range from the weights as they are now
+                fix_range(c // g, blk[:, j:j + g] if j + g <= b1 - b0 else weights[:, c:c + g])  # int8 per channel: g = K
             col = blk[:, j]
-            scf = sc[0].float()
+            scf = scales[ch // g].float()
             if bits == 4:
-                q = torch.round((col - off[0].float()) / scf).clamp_(0, 15)
-                deq = q * scf + off[0].float()
+                offf = offsets[ch // g].float()
+                q = torch.round((col - offf) / scf).clamp_(0, 15)
+                deq = q * scf + offf
             else:
                 q = torch.round(col / scf).clamp_(-127, 127)
                 deq = q * scf
-            codes[c] = q
+            codes[ch] = q
             err = (col - deq) / u[c, c]
             blk[:, j:] -= err[:, None] * u[c, c:b1][None, :]
             errs[:, j] = err

@@ -107,10 +107,12 @@ def test_rounding_variants_and_their_quantize_options():
     assert quantize_options(4, "mse-act", "nearest", ids) == {"clip": "mse", "tokens": ids}
     assert quantize_options(8, "mse", "gptq", ids) == {"rounding": "gptq", "tokens": ids}
     assert quantize_options(4, "mse", "gptq-plan", ids) == {"clip": "mse", "rounding": "gptq", "tokens": ids}
+    assert quantize_options(8, "mse", "gptq-act-plan", ids) == {"rounding": "gptq-act", "tokens": ids}
+    assert variants(64, "minmax", "gptq-act-plan")[2][0] == "int4-g64-gptqactplan"
     model = tiny("llama", intermediate_size=96)
     for bits in (8, 4):  # every option set is one actsparse.quantize accepts
         for clip in ("minmax", "mse", "mse-act"):
-            for rounding in ("nearest", "gptq"):
+            for rounding in ("nearest", "gptq", "gptq-act"):
                 actsparse.quantize(copy.deepcopy(model), bits=bits, group_size=32,
                                    **quantize_options(bits, clip, rounding, torch.randint(3, 100, (2, 8))))
     assert build_parser().parse_args(["--rounding", "gptq-plan"]).rounding == "gptq-plan"

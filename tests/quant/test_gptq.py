@@ -27,12 +27,16 @@ def _correlated_inputs(k: int, rows: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, k, generator=g) @ mix * torch.rand(k, generator=g).add(0.2)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits,gs,clip", [(b, g, "minmax") for b, g in FORMATS] + [(4, 32, "mse"), (4, 64, "mse")])
-def test_diagonal_hessian_gives_round_to_nearest(bits, gs, clip):
+def test_diagonal_hessian_gives_round_to_nearest(bits, gs, clip, act_order):
+    """No correlation, no updates: GPTQ's codes are round-to-nearest's, in either order (act
+    order rounds a diagonal of distinct values in a shuffled channel order)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(48, 128, generator=g)
-    got = gptq_quantize(w, torch.eye(128), bits, gs, clip)
-    ref = quantize_weight(w, bits, gs, clip)
+    h = torch.diag(torch.rand(128, generator=g) + 0.5) if act_order else torch.eye(128)
+    got = gptq_quantize(w, h, bits, gs, clip, act_order=act_order)
+    ref = quantize_weight(w, bits, gs, clip, h.diagonal() if clip == "mse" else None)  # clip weighted as GPTQ's
     assert torch.equal(got.qweight, ref.qweight)
     torch.testing.assert_close(got.scales, ref.scales)
     if bits == 4:
@@ -41,15 +45,15 @@ def test_diagonal_hessian_gives_round_to_nearest(bits, gs, clip):
 
 @settings(max_examples=12, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), n=st.sampled_from([2, 18, 40]), groups=st.integers(1, 5),
-       seed=st.integers(0, 2 ** 16))
-def test_output_error_below_round_to_nearest(fmt, n, groups, seed):
+       seed=st.integers(0, 2 ** 16), act_order=st.booleans())
+def test_output_error_below_round_to_nearest(fmt, n, groups, seed, act_order):
     bits, gs = fmt
     k = (gs or 32) * groups
     x = _correlated_inputs(k, 4 * k, seed)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
     h = x.t() @ x / x.shape[0]
     ref = x @ w.t()
-    err_gptq = (x @ gptq_quantize(w, h, bits, gs).dequantize().t() - ref).norm()
+    err_gptq = (x @ gptq_quantize(w, h, bits, gs, act_order=act_order).dequantize().t() - ref).norm()
     err_rtn = (x @ quantize_weight(w, bits, gs).dequantize().t() - ref).norm()
     assert err_gptq <= err_rtn * 1.001, (float(err_gptq), float(err_rtn))
 
@@ -88,8 +92,9 @@ def test_hessians_match_hand_computed_with_and_without_plan():
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("rounding", ["gptq", "gptq-act"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_with_gptq_is_closer_on_its_tokens(bits):
+def test_quantize_with_gptq_is_closer_on_its_tokens(bits, rounding):
     """The whole model: GPTQ's logits are no further from the float model's than nearest
     rounding's on the tokens it was fitted on, and the storage is the usual QuantLinear."""
     base = tiny("llama", intermediate_size=96)
@@ -98,7 +103,7 @@ def test_quantize_with_gptq_is_closer_on_its_tokens(bits):
         ref = base(ids).logits
     fresh = lambda: tiny("llama", intermediate_size=96)  # noqa: E731  (same seed: same weights)
     rtn = actsparse.quantize(fresh(), bits=bits, group_size=32)
-    gptq = actsparse.quantize(fresh(), bits=bits, group_size=32, rounding="gptq", tokens=ids)
+    gptq = actsparse.quantize(fresh(), bits=bits, group_size=32, rounding=rounding, tokens=ids)
     lin = gptq.model.layers[0].mlp.down_proj
     assert isinstance(lin, QuantLinear) and lin.bits == bits and lin.group_size == 32
     with torch.no_grad():
@@ -112,8 +117,9 @@ def test_gptq_options_are_validated():
     model = tiny("llama", intermediate_size=96)
     with pytest.raises(ValueError, match="rounding must be one of"):
         actsparse.quantize(model, bits=4, rounding="awq")
-    with pytest.raises(ValueError, match="needs tokens="):
-        actsparse.quantize(model, bits=4, rounding="gptq")
+    for rounding in ("gptq", "gptq-act"):
+        with pytest.raises(ValueError, match="needs tokens="):
+            actsparse.quantize(model, bits=4, rounding=rounding)
     with pytest.raises(ValueError, match="takes rounding='gptq'"):
         actsparse.quantize(model, bits=4, plan=actsparse.SparsityPlan())
     with pytest.raises(TypeError, match="SparsityPlan"):
