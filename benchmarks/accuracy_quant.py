@@ -12,9 +12,10 @@ fingerprint allows. The check answers the project's target: quantization adds no
 sparse model's perplexity than it adds to the dense one (``increase[s] <= increase[0]``).
 ``--plan-on self`` calibrates each format's plan on its own model instead (sparse rows only),
 which separates the plan transfer's share of the cost from quantization's own. ``--rounding
-gptq`` quantizes with GPTQ on the calibration text; ``gptq-plan`` does so once per sparse row,
-on the inputs that row's plan leaves (``actsparse.quantize(..., plan=)``), so those weights
-are fitted to the sparse model they run in. With several
+gptq`` (or ``gptq-act``, act order) quantizes with GPTQ on the calibration text; ``gptq-plan``
+(``gptq-act-plan``) does so once per sparse row, on the inputs that row's plan leaves
+(``actsparse.quantize(..., plan=)``), so those weights are fitted to the sparse model they run
+in. ``--tasks`` adds zero-shot tasks to every row. With several
 models and ``--jobs`` > 1 each model runs in its own process and the parent merges.
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import MaskObserver, ObservingBackend, _evaluate, _model_out, _plan_summary, _strip
+from benchmarks.accuracy import TASKS, MaskObserver, ObservingBackend, _evaluate, _model_out, _plan_summary, _strip
 from benchmarks.harness import log, write_json
 
 TARGETS = (0.4, 0.5)
@@ -154,7 +155,7 @@ def run_model(name: str, args, out: Path) -> dict:
             row = {"model": name, "format": label, "bits": bits or 32, "group_size": gs, "method": "dense",
                    "target": target}
             if target is None:
-                row.update(_evaluate(model, tok, eval_text, args, [], None))
+                row.update(_evaluate(model, tok, eval_text, args, list(args.tasks), None))
                 row["effective_sparsity"] = 0.0
             else:
                 plan, observer = plans[target], QuantMaskObserver(total)
@@ -167,7 +168,7 @@ def run_model(name: str, args, out: Path) -> dict:
                 row.update({"method": METHOD, "overall_sparsity": plan.overall_sparsity,
                             "plan_info": _plan_summary(plan),
                             "plan_calibrated_on": "fp32" if args.plan_on == "fp32" else label,
-                            **_evaluate(fwd, tok, eval_text, args, [], observer)})
+                            **_evaluate(fwd, tok, eval_text, args, list(args.tasks), observer)})
                 torch._dynamo.reset()
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
@@ -204,6 +205,7 @@ def _config(args, split: dict) -> dict:
             "calibration_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "window": args.window,
             "method": METHOD, "targets": list(args.targets), "greedy_step": args.greedy_step,
             "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size, "int4_clip": args.int4_clip,
+            "tasks": list(args.tasks), "task_examples": args.limit if args.tasks else None,
             "rounding": args.rounding,
             "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies"
                     if args.plan_on == "fp32" else "calibrated on each format's own model",
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 and int4 rounding: nearest, GPTQ on the calibration text's inputs (gptq, or "
              "gptq-act: act order), or either on the inputs each sparse row's plan leaves (-plan: one "
              "quantization per row; actsparse.quantize's rounding, tokens and plan)")
+    add("--tasks", nargs="*", default=[], choices=list(TASKS),
+        help="zero-shot tasks evaluated on every row too (benchmarks.accuracy's; default: none)")
+    add("--limit", type=int, default=100, help="examples per task (default: %(default)s)")
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
     add("--calib-tokens", type=int, default=4096)

@@ -4,7 +4,8 @@
     model = actsparse.quantize(model, bits=4, group_size=64)   # int4, groups along the input
     model = actsparse.quantize(model, bits=8, group_size=32)   # int8, groups along the input (GGUF Q8_0's layout)
     model = actsparse.quantize(model, bits=4, clip="mse", tokens=ids)  # int4 ranges fitted, weighted by activations
-    model = actsparse.quantize(model, bits=4, rounding="gptq", tokens=ids, plan=plan)  # GPTQ for the sparse model
+    model = actsparse.quantize(model, bits=4, rounding="gptq-act", tokens=ids)  # GPTQ, act order
+    model = actsparse.quantize(model, bits=8, rounding="gptq", tokens=ids, plan=plan)  # GPTQ fitted to the sparse model
 
 Every nn.Linear except the output head (the decoder's linears, the ones a plan can mask)
 becomes a ``QuantLinear``; embeddings and the LM head keep their dtype. The quantized model

@@ -22,6 +22,8 @@ diagonal (see ``gptq_quantize`` for when it is chosen).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -42,9 +44,13 @@ def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tens
                    batch: int = 8) -> dict[str, Tensor]:
     """``X^T X / n`` [K, K] in fp32 of each linear's inputs over ``tokens`` [batch, seq]; with
     ``plan``, of the inputs the plan leaves (its masks applied by ``actsparse.eval.masked``).
-    Each batch's forward stops once every linear has seen its input."""
+    Each batch's forward stops once every linear has seen its input. The matrices live on the
+    model's device, one per linear (about 1 GB per layer of a Llama-3-8B shape)."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tuple(tokens.shape)}")
+    param = next(model.parameters(), None)
+    if param is not None:
+        tokens = tokens.to(param.device)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     seen: set[str] = set()
@@ -58,8 +64,6 @@ def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tens
             if len(seen) == len(linears):
                 raise _Seen
         return pre
-
-    import contextlib
 
     ctx = contextlib.nullcontext()
     if plan is not None:

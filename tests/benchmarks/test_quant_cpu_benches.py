@@ -116,5 +116,6 @@ def test_rounding_variants_and_their_quantize_options():
                 actsparse.quantize(copy.deepcopy(model), bits=bits, group_size=32,
                                    **quantize_options(bits, clip, rounding, torch.randint(3, 100, (2, 8))))
     assert build_parser().parse_args(["--rounding", "gptq-plan"]).rounding == "gptq-plan"
+    assert build_parser().parse_args([]).tasks == [] and build_parser().parse_args(["--tasks", "piqa"]).tasks == ["piqa"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--rounding", "awq"])
