@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .storage import QuantizedWeight, check_options, int4_range, mse_range, pack_int4
+from .storage import QuantizedWeight, check_options, int4_range, int8_scales, mse_range, pack_int4
 
 #: Diagonal damping, as a fraction of H's mean diagonal: keeps H invertible where channels are
 #: dead or masked in every calibration token.
@@ -143,6 +143,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int | None 
         weights = weights[:, order]
         hessian = hessian[order][:, order]
     u = _inverse_cholesky(hessian)  # in the rounding order
+    channel = order.tolist()  # rounding position -> original channel
     codes = torch.empty(k, n, dtype=torch.float32, device=dev)  # by original channel
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
@@ -150,7 +151,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int | None 
         errs = torch.empty_like(blk)
         for j in range(b1 - b0):
             c = b0 + j
-            ch = int(order[c])
+            ch = channel[c]
             if not act_order and c % g == 0:  # a new group: its range from the weights as they are now
                 fix_range(c // g, blk[:, j:j + g] if j + g <= b1 - b0 else weights[:, c:c + g])  # int8 per channel: g = K
             col = blk[:, j]
@@ -176,8 +177,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int | None 
 def _group_range(wg: Tensor, bits: int, clip: str, importance: Tensor, dtype: torch.dtype):
     """(scales [1, N], offsets [1, N] or None) of one group ``wg`` [1, G, N], in ``dtype``."""
     if bits == 8:
-        amax = wg.abs().amax(dim=1)
-        return torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(dtype), None
+        return int8_scales(wg, dtype), None
     lo, hi = wg.amin(dim=1), wg.amax(dim=1)
     if clip == "mse":
         lo, hi = mse_range(wg, lo, hi, importance.reshape(1, -1, 1), dtype)

@@ -84,6 +84,13 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.cat([packed & 0xF, packed >> 4], dim=1)
 
 
+def int8_scales(wg: Tensor, dtype: torch.dtype) -> Tensor:
+    """Symmetric int8 scales [groups, N] of ``wg`` [groups, G, N]: each (group, output)'s
+    largest magnitude maps to 127 (1 where the group is all zeros)."""
+    amax = wg.abs().amax(dim=1)
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(dtype)
+
+
 def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedWeight:
     """Symmetric int8 from an nn.Linear weight [N, K]: one scale per output channel, or per
     (group of ``group_size`` input channels, output)."""
@@ -92,8 +99,7 @@ def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedWeight:
         raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
     g = group_size or k
     wg = w.detach().float().t().reshape(k // g, g, n)  # [groups, G, N], input-major
-    amax = wg.abs().amax(dim=1)  # [groups, N]
-    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(w.dtype)
+    scales = int8_scales(wg, w.dtype)  # [groups, N]
     q = torch.round(wg / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8).reshape(k, n)
     scales = scales if group_size else scales[0]
     return QuantizedWeight(q.contiguous(), scales.contiguous(), None, 8, group_size or 0, n, k)
