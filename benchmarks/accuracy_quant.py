@@ -15,7 +15,8 @@ which separates the plan transfer's share of the cost from quantization's own. `
 gptq`` (or ``gptq-act``, act order) quantizes with GPTQ on the calibration text; ``gptq-plan``
 (``gptq-act-plan``) does so once per sparse row, on the inputs that row's plan leaves
 (``actsparse.quantize(..., plan=)``), so those weights are fitted to the sparse model they run
-in. ``--tasks`` adds zero-shot tasks to every row. With several
+in. ``--gptq-tokens`` gives GPTQ more calibration tokens than the plans' ``--calib-tokens``
+(the same text's first N). ``--tasks`` adds zero-shot tasks to every row. With several
 models and ``--jobs`` > 1 each model runs in its own process and the parent merges.
 """
 
@@ -136,7 +137,10 @@ def run_model(name: str, args, out: Path) -> dict:
 
     formats = [v for v in variants(args.group_size, args.int4_clip, args.rounding)
                if v[0].split("-")[0] in args.formats]
-    ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.calib_tokens]  # the calibration text, as the plans use it
+    # the calibration text, as the plans use it (its first --gptq-tokens for GPTQ's Hessians)
+    ids = tok(cal_text, return_tensors="pt").input_ids[:, : args.gptq_tokens or args.calib_tokens]
+    if args.gptq_tokens and ids.shape[1] < args.gptq_tokens:
+        raise SystemExit(f"--gptq-tokens {args.gptq_tokens}: the calibration text has only {ids.shape[1]} tokens")
     ids = ids[:, : ids.shape[1] // args.window * args.window].reshape(-1, args.window)
     if args.rounding.endswith("-plan") and args.plan_on != "fp32":
         raise SystemExit(f"--rounding {args.rounding} takes the fp32 plans (--plan-on fp32)")
@@ -206,7 +210,7 @@ def _config(args, split: dict) -> dict:
             "method": METHOD, "targets": list(args.targets), "greedy_step": args.greedy_step,
             "greedy_tokens": args.greedy_tokens, "int4_group_size": args.group_size, "int4_clip": args.int4_clip,
             "tasks": list(args.tasks), "task_examples": args.limit if args.tasks else None,
-            "rounding": args.rounding,
+            "rounding": args.rounding, "gptq_tokens": args.gptq_tokens or args.calib_tokens,
             "plan": "calibrated once on the fp32 model, applied unchanged to the int8 and int4 copies"
                     if args.plan_on == "fp32" else "calibrated on each format's own model",
             "compiler": "actsparse backend, compiler='eager' (masked graph without Inductor)",
@@ -241,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-tokens", type=int, default=4096)
     add("--window", type=int, default=512)
     add("--calib-tokens", type=int, default=4096)
+    add("--gptq-tokens", type=int, default=None,
+        help="calibration tokens behind GPTQ's Hessians and the mse-act ranges (default: --calib-tokens)")
     add("--calibration-articles", type=int, default=10)
     add("--greedy-step", type=float, default=0.02)
     add("--greedy-tokens", type=int, default=256)

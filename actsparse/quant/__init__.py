@@ -79,7 +79,7 @@ def activation_importance(model: nn.Module, linears: dict[str, nn.Linear], token
 
 def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, clip: str = "minmax",
              tokens: torch.Tensor | None = None, rounding: str = "nearest", plan=None,
-             progress: bool = False) -> nn.Module:
+             hessian_memory_gb: float | None = 4.0, progress: bool = False) -> nn.Module:
     """Replace the model's linears (not the output head) by quantized ones, in place.
 
     ``bits``: 8 (symmetric int8, one scale per output channel, or with ``group_size`` one per
@@ -92,8 +92,10 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
     minimised, see ``actsparse.quant.gptq``; needs ``tokens``) or ``"gptq-act"`` (the same,
     channels with the largest inputs rounded first: GPTQ's act order); with ``plan`` (a
     ``SparsityPlan`` of this model), GPTQ minimises the error of the sparse model under that plan.
-    The storage, and so the kernels, are the same whichever rounding. ``progress``: a progress
-    bar over the linears. Returns the model.
+    The storage, and so the kernels, are the same whichever rounding. ``hessian_memory_gb``
+    (GPTQ): at most that many GB of input Hessians live at once (one forward pass per chunk of
+    linears; None: all at once, a single pass); the result is the same either way.
+    ``progress``: a progress bar over the linears. Returns the model.
     """
     check_options(bits, group_size)
     if clip not in CLIPS:
@@ -109,6 +111,9 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
         raise ValueError("plan= tunes GPTQ's rounding to the sparse model: it takes rounding='gptq' or 'gptq-act'")
     if plan is not None and not hasattr(plan, "thresholds"):
         raise TypeError(f"plan must be an actsparse.SparsityPlan, got {type(plan).__name__}")
+    if hessian_memory_gb is not None and (isinstance(hessian_memory_gb, bool) or not (
+            isinstance(hessian_memory_gb, (int, float)) and hessian_memory_gb > 0)):
+        raise ValueError(f"hessian_memory_gb must be a positive number of GB or None, got {hessian_memory_gb!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     linears = quantizable_linears(model)
@@ -119,7 +124,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
         odd = [f"{n} ({m.out_features})" for n, m in linears.items() if m.out_features % 2]
         if odd:
             raise ValueError(f"int4 stores two outputs per byte; odd output widths: {', '.join(odd[:4])}")
-    from ..eval.perplexity import progress_bar
+    from tqdm.auto import tqdm
 
     def replace(name: str, layer: QuantLinear) -> None:
         parent_name, _, child = name.rpartition(".")
@@ -127,18 +132,16 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, *, 
         setattr(parent, child, layer)
 
     if rounding != "nearest":
-        from .gptq import gptq_quantize, input_hessians
+        from .gptq import gptq_linears
 
-        hessians = input_hessians(model, linears, tokens, plan)
-        missing = [n for n in linears if n not in hessians]
-        if missing:
-            raise ValueError(f"rounding={rounding!r}: {', '.join(missing[:4])} got no input over tokens= (a linear "
-                             "the forward never calls cannot be fitted)")
-        for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"GPTQ int{bits}", enabled=progress):
-            qw = gptq_quantize(lin.weight, hessians.pop(name), bits, group_size, clip, act_order=rounding == "gptq-act")
-            replace(name, QuantLinear(qw, lin.bias))
+        limit = None if hessian_memory_gb is None else int(hessian_memory_gb * 2 ** 30)
+        fitted = gptq_linears(model, linears, tokens, bits, group_size, clip, rounding == "gptq-act", plan,
+                              max_hessian_bytes=limit, progress=progress)
+        for name, qw in fitted.items():  # replaced only now: every Hessian came from the unquantized model
+            replace(name, QuantLinear(qw, linears[name].bias))
         return model
     importance = activation_importance(model, linears, tokens) if tokens is not None else {}
-    for name, lin in progress_bar(linears.items(), total=len(linears), desc=f"quantize int{bits}", enabled=progress):
+    for name, lin in tqdm(linears.items(), total=len(linears), desc=f"quantize int{bits}", disable=not progress,
+                          leave=False):
         replace(name, QuantLinear.from_linear(lin, bits, group_size, clip, importance.get(name)))
     return model

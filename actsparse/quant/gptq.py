@@ -13,7 +13,8 @@ placed where the sparse model does not look: channels the plan mostly zeroes wei
 and take the compensation. Such a model is tuned to that plan; with no plan it is tuned to dense
 decoding.
 
-All Hessians come from one forward pass of the unquantized model. The paper quantizes block by
+All Hessians come from forward passes of the unquantized model (one, or one per chunk of
+linears under a memory bound). The paper quantizes block by
 block on the inputs of the blocks already quantized; on SmolLM2-135M's int4 that was both worse
 and four times slower, so it is not done. The storage is the one ``actsparse.quant.storage``
 documents; each group's range is its full range, or the ``clip="mse"`` range weighted by H's
@@ -45,7 +46,8 @@ def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tens
     """``X^T X / n`` [K, K] in fp32 of each linear's inputs over ``tokens`` [batch, seq]; with
     ``plan``, of the inputs the plan leaves (its masks applied by ``actsparse.eval.masked``).
     Each batch's forward stops once every linear has seen its input. The matrices live on the
-    model's device, one per linear (about 1 GB per layer of a Llama-3-8B shape)."""
+    model's device, one per distinct input: linears called one after the other on the very same
+    tensor (q/k/v, gate/up where no mask separates them) share one matrix object."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tuple(tokens.shape)}")
     param = next(model.parameters(), None)
@@ -53,14 +55,21 @@ def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tens
         tokens = tokens.to(param.device)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    seen: set[str] = set()
+    owner: dict[str, str] = {}  # linear -> the linear whose matrix it shares (itself if none)
+    seen: dict[str, str] = {}  # this batch's owners
+    last: list = [None, None]  # the previous hook's input tensor and linear (kept alive for the identity test)
 
     def hook(name):
         def pre(mod, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-            seen.add(name)
+            x_in = args[0]
+            if x_in is last[0]:
+                seen[name] = seen[last[1]]
+            else:
+                x = x_in.detach().float().reshape(-1, x_in.shape[-1])
+                sums[name] = sums.get(name, 0) + x.t() @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+                seen[name] = name
+                last[:] = [x_in, name]
             if len(seen) == len(linears):
                 raise _Seen
         return pre
@@ -80,10 +89,58 @@ def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tens
                         model(tokens[i:i + batch])
                     except _Seen:
                         pass
+                    finally:
+                        last[:] = [None, None]
+                    if owner and seen != owner:
+                        raise RuntimeError("the linears' inputs were shared differently from one batch to the next; "
+                                           "their Hessians cannot be accumulated")
+                    owner = owner or dict(seen)
         finally:
             for h in handles:
                 h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    matrices = {n: sums[n] / counts[n] for n in sums}
+    return {n: matrices[o] for n, o in owner.items()}
+
+
+def hessian_chunks(linears: dict[str, nn.Linear], max_bytes: int | None) -> list[list[str]]:
+    """The linears split, in order, into runs whose fp32 Hessians (``4 K^2`` bytes each, none
+    shared) fit ``max_bytes``; a linear larger than that alone is a run of its own."""
+    if max_bytes is None:
+        return [list(linears)]
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name, lin in linears.items():
+        size = 4 * lin.in_features ** 2
+        if chunks[-1] and used + size > max_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks
+
+
+def gptq_linears(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tensor, bits: int,
+                 group_size: int | None, clip: str = "minmax", act_order: bool = False, plan=None,
+                 max_hessian_bytes: int | None = None, progress: bool = False) -> dict[str, QuantizedWeight]:
+    """GPTQ's weights of ``linears``, all from the unquantized model (nothing is replaced here).
+
+    The Hessians are taken ``hessian_chunks`` at a time, one forward prefix per chunk, so at most
+    ``max_hessian_bytes`` of them live at once (all at once when None): a Llama-3-8B shape holds
+    about 1 GB per layer. The result does not depend on the split."""
+    from tqdm.auto import tqdm
+
+    out: dict[str, QuantizedWeight] = {}
+    with tqdm(total=len(linears), desc=f"GPTQ int{bits}", disable=not progress, leave=False) as bar:
+        for chunk in hessian_chunks(linears, max_hessian_bytes):
+            hessians = input_hessians(model, {n: linears[n] for n in chunk}, tokens, plan)
+            missing = [n for n in chunk if n not in hessians]
+            if missing:
+                raise ValueError(f"{', '.join(missing[:4])} got no input over tokens= (a linear the forward never "
+                                 "calls cannot be fitted)")
+            for name in chunk:
+                out[name] = gptq_quantize(linears[name].weight, hessians.pop(name), bits, group_size, clip, act_order)
+                bar.update()
+    return out
 
 
 def _inverse_cholesky(h: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import actsparse
 from actsparse.models import tiny
 from actsparse.quant import QuantLinear, quantizable_linears, quantize_weight
-from actsparse.quant.gptq import gptq_quantize, input_hessians
+from actsparse.quant.gptq import gptq_quantize, hessian_chunks, input_hessians
 
 FORMATS = [(8, None), (8, 32), (4, 32), (4, 64)]
 
@@ -128,6 +128,9 @@ def test_gptq_options_are_validated():
         gptq_quantize(torch.randn(4, 96), torch.eye(64), 8)
     with pytest.raises(ValueError, match="int4 needs a group_size"):
         gptq_quantize(torch.randn(4, 64), torch.eye(64), 4)
+    for bad in (0, -1.0, True, "4"):
+        with pytest.raises(ValueError, match="hessian_memory_gb must be a positive number"):
+            actsparse.quantize(model, bits=8, rounding="gptq", tokens=ids, hessian_memory_gb=bad)
 
 
 def test_hessian_pass_stops_after_its_block():
@@ -143,3 +146,54 @@ def test_hessian_pass_stops_after_its_block():
     with torch.no_grad():
         model(ids)
     assert calls  # the hook works: a full forward reaches the head
+
+
+def test_linears_on_one_input_share_one_hessian():
+    """q/k/v (and gate/up) read the same tensor: one matrix between them, equal to each one's
+    own; a plan that masks q alone gives q its own matrix and leaves k and v sharing."""
+    model = tiny("llama", intermediate_size=96)
+    ids = torch.randint(3, model.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1))
+    linears = quantizable_linears(model)
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    hs = input_hessians(model, linears, ids, batch=2)
+    assert hs[attn + "q_proj"] is hs[attn + "k_proj"] is hs[attn + "v_proj"]
+    assert hs[mlp + "gate_proj"] is hs[mlp + "up_proj"] and hs[mlp + "down_proj"] is not hs[mlp + "up_proj"]
+    assert hs[attn + "o_proj"] is not hs[attn + "q_proj"]
+    alone = input_hessians(model, {attn + "k_proj": linears[attn + "k_proj"]}, ids, batch=2)
+    assert torch.equal(alone[attn + "k_proj"], hs[attn + "k_proj"])
+    plan = actsparse.SparsityPlan(thresholds={attn + "q_proj": 0.5})
+    masked = input_hessians(model, linears, ids, plan, batch=2)
+    assert masked[attn + "q_proj"] is not masked[attn + "k_proj"]
+    assert masked[attn + "k_proj"] is masked[attn + "v_proj"]
+    assert torch.equal(masked[attn + "k_proj"], hs[attn + "k_proj"])
+    assert not torch.allclose(masked[attn + "q_proj"], hs[attn + "q_proj"])
+
+
+def test_hessian_chunks_keep_order_and_bound():
+    model = tiny("llama", intermediate_size=96)
+    linears = quantizable_linears(model)
+    assert hessian_chunks(linears, None) == [list(linears)]
+    size = {n: 4 * m.in_features ** 2 for n, m in linears.items()}
+    bound = 3 * 4 * 64 ** 2
+    chunks = hessian_chunks(linears, bound)
+    assert [n for c in chunks for n in c] == list(linears) and len(chunks) > 1
+    assert all(sum(size[n] for n in c) <= bound or len(c) == 1 for c in chunks)
+    assert all(len(c) == 1 for c in hessian_chunks(linears, 1))
+
+
+@pytest.mark.parametrize("rounding,bits", [("gptq", 8), ("gptq-act", 4)])
+def test_memory_bound_gives_the_same_weights(rounding, bits):
+    """Hessians taken a few linears at a time (a forward prefix each) or all in one pass: the
+    same quantized model, bit for bit, with and without a plan (so no chunk saw an earlier
+    chunk's quantized weights)."""
+    ids = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(2))
+    plan = actsparse.SparsityPlan(thresholds={"model.layers.0.mlp.down_proj": 0.05,
+                                              "model.layers.1.self_attn.q_proj": 0.3})
+    for p in (None, plan):
+        one = actsparse.quantize(tiny("llama", intermediate_size=96), bits=bits, group_size=32, rounding=rounding,
+                                 tokens=ids, plan=p, hessian_memory_gb=None)
+        many = actsparse.quantize(tiny("llama", intermediate_size=96), bits=bits, group_size=32, rounding=rounding,
+                                  tokens=ids, plan=p, hessian_memory_gb=2 * 4 * 96 ** 2 / 2 ** 30)
+        a, b = one.state_dict(), many.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
