@@ -330,7 +330,8 @@ def load(
 
     The first call dequantises the GGUF (tens of seconds) and caches the dense fp32 model as
     safetensors under `model_cache_dir(cache_dir)`; later calls read that cache (seconds).
-    `keep_quantized=True` keeps the GGUF's Q8_0 / Q4_1 linears quantized (`actsparse.quant.gguf`).
+    `keep_quantized=True` keeps the GGUF's linears quantized, exactly as the file holds them
+    (Q8_0, Q5_0, Q4_1, Q4_K and Q6_K blocks: `actsparse.quant.gguf`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

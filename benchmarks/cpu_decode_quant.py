@@ -17,8 +17,9 @@ against it); ``--families`` adds:
   empty plan (every quantized linear on the native kernel, nothing masked); ``ours int8 s``:
   ``backend="sparse"`` with the plan;
 * ``gguf``: ``load(model, keep_quantized=True)`` (SmolLM2: the file's Q4_1 linears as int4
-  g32, its Q8_0 tied head as grouped int8) dense under Inductor, dense on the native kernel,
-  and through ``backend="sparse"``;
+  g32, its Q8_0 tied head as grouped int8; Gemma-3: Q5_0 / Q8_0 as grouped int8, Q4_K as int4,
+  Q6_K as int8 in groups of 16; ``bits`` then reads "mixed") dense under Inductor, dense on the
+  native kernel, and through ``backend="sparse"``;
 * ``torchao``: ``quantize_(model, Int8WeightOnlyConfig())`` (every linear, the head included)
   dense under Inductor, and through ``backend="sparse"`` (our kernel over torchao's data).
 
@@ -125,7 +126,7 @@ def build_variants(args, base: nn.Module, plans: dict, load_gguf) -> list[dict[s
     variants: list[dict[str, Any]] = [
         {"variant": "dense fp32 (inductor)", "bits": 32, "sparsity": 0.0, "model": base, "backend": "inductor"}]
 
-    def sparse(label: str, bits: int, model: nn.Module) -> None:
+    def sparse(label: str, bits: int | str, model: nn.Module) -> None:
         # an empty plan: every quantized linear on the native kernel, nothing masked
         empty = actsparse.SparsityPlan.from_thresholds(base, {})
         variants.append({"variant": f"dense {label} (actsparse native kernel)", "bits": bits, "sparsity": 0.0,
@@ -149,9 +150,11 @@ def build_variants(args, base: nn.Module, plans: dict, load_gguf) -> list[dict[s
         sparse("int8", 8, q8)
     if "gguf" in args.families:
         kq = load_gguf()
-        variants.append({"variant": "dense gguf keep_quantized (inductor)", "bits": 4, "sparsity": 0.0,
+        widths = {m.bits for m in kq.modules() if isinstance(m, QuantLinear)}
+        bits = widths.pop() if len(widths) == 1 else "mixed"
+        variants.append({"variant": "dense gguf keep_quantized (inductor)", "bits": bits, "sparsity": 0.0,
                          "model": kq, "backend": "inductor"})
-        sparse("gguf keep_quantized", 4, kq)
+        sparse("gguf keep_quantized", bits, kq)
     if "torchao" in args.families:
         ao = _torchao_int8(_sharing_embedding(base))
         variants.append({"variant": "dense torchao int8 (inductor)", "bits": 8, "sparsity": 0.0, "model": ao,
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s": statistics.median(v["runs"]), "runs": [round(x, 3) for x in v["runs"]],
             "vs_dense": statistics.median(v["runs"]) / dense,
             "compile_and_warmup_s": round(v["compile_and_warmup_s"], 1), "tokens": v["tokens"]})
-    quant_dense = [r for r in result["rows"] if r["variant"].startswith("dense") and r["bits"] < 32]
+    quant_dense = [r for r in result["rows"] if r["variant"].startswith("dense") and r["bits"] != 32]
     paired(result["rows"], variants[0]["variant"])
     if quant_dense:
         best = max(quant_dense, key=lambda r: r["tok_s"])

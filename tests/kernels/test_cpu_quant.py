@@ -12,7 +12,7 @@ import actsparse.ops.quant_sparse_linear as qsl
 from actsparse.kernels.cpu import quant
 from actsparse.ops import dispatch
 from actsparse.ops.reference import quant_sparse_linear_reference, row_scale
-from actsparse.quant.storage import quantize_weight
+from actsparse.quant.storage import quantize_int8, quantize_weight
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -27,16 +27,21 @@ def _close(got, ref, dtype):
 
 @settings(max_examples=80, deadline=None)
 @given(bits=st.sampled_from([8, 4, "8g"]), rows=st.integers(1, 5), groups=st.integers(1, 5), n_half=st.integers(1, 37),
-       group=st.sampled_from([32, 64]), dtype=st.sampled_from(list(TOL)), t=st.sampled_from([0.0, 0.3, 0.9, 1e9]),
+       group=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(list(TOL)), t=st.sampled_from([0.0, 0.3, 0.9, 1e9]),
        per_token=st.booleans(), bias=st.booleans(), parts=st.integers(1, 5), wdtype=st.sampled_from(
            [torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_kernel_matches_reference(bits, rows, groups, n_half, group, dtype, t, per_token, bias, parts, wdtype, seed):
     gen = torch.Generator().manual_seed(seed)
     grouped = bits != 8  # "8g": int8 with one scale per group (GGUF Q8_0's layout)
     bits = 8 if bits == "8g" else bits
+    group = 32 if bits == 4 and group == 16 else group  # 16-channel groups exist for int8 only (GGUF Q6_K)
     n = 2 * n_half + (1 if bits == 8 and seed % 2 else 0)  # odd outputs where the format allows (int8)
     k = groups * group if grouped else groups * 13 + seed % 7  # odd input widths for per-channel int8
-    qw = quantize_weight((torch.randn(n, k, generator=gen) / 4).to(wdtype), bits, group if grouped else None)
+    w = (torch.randn(n, k, generator=gen) / 4).to(wdtype)
+    if group == 16 and grouped:  # GGUF Q6_K's layout: quantize_weight does not offer it
+        qw = quantize_int8(w, 16)
+    else:
+        qw = quantize_weight(w, bits, group if grouped else None)
     x = torch.randn(rows, k, generator=gen)
     x[:, : k // 3] *= 0.1  # some channels (int4: whole groups) mostly inactive
     x = x.to(dtype)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from actsparse.kernels.triton import quant_gemv as qg  # noqa: E402
 from actsparse.ops.reference import quant_sparse_linear_reference  # noqa: E402
-from actsparse.quant.storage import quantize_weight  # noqa: E402
+from actsparse.quant.storage import quantize_int8, quantize_weight  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="these tests run the Triton interpreter on CPU tensors")
@@ -52,7 +52,10 @@ def check(m, k, n, bits, group, dtype, sparsity, per_token, bias, config, seed):
     w = (torch.randn(n, k, generator=g) / 4).to(dtype)
     grouped = bits == "8g"  # int8 with one scale per group of input channels
     bits = 8 if grouped else bits
-    qw = quantize_weight(w, bits, group if bits == 4 or grouped else None)
+    if grouped and group == 16:  # GGUF Q6_K's layout: quantize_weight does not offer it
+        qw = quantize_int8(w, 16)
+    else:
+        qw = quantize_weight(w, bits, group if bits == 4 or grouped else None)
     x = torch.randn(m, k, generator=g).to(dtype)
     b = (torch.randn(n, generator=g) / 10).to(dtype) if bias else None
     rs = x.float().abs().mean(-1) if per_token else None
@@ -68,7 +71,8 @@ def check(m, k, n, bits, group, dtype, sparsity, per_token, bias, config, seed):
 
 
 @pytest.mark.parametrize("bits,k,n,group", [(8, 100, 70, 0), (8, 33, 5, 0), (4, 96, 46, 32), (4, 128, 2, 64),
-                                            (4, 256, 38, 128), ("8g", 96, 35, 32), ("8g", 128, 6, 64)])
+                                            (4, 256, 38, 128), ("8g", 96, 35, 32), ("8g", 128, 6, 64),
+                                            ("8g", 80, 22, 16)])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 def test_against_reference(bits, k, n, group, m, sparsity):
@@ -127,9 +131,11 @@ def test_configs_that_do_not_fit_are_refused():
 
 
 def test_prune_keeps_only_fitting_configs():
-    for g in (0, 32, 128):
+    for g in (0, 16, 32, 128):  # 16: GGUF Q6_K's int8 groups, narrower than any ONE_GROUP chunk
+        for configs in (qg.CONFIGS_M1, qg.CONFIGS_DOT):  # each path keeps a config that fits
+            kept = qg._prune(configs, {"K": 4096, "NC": 4096, "G": g})
+            assert kept and all(qg.config_fits(c.kwargs, g) for c in kept)
         kept = qg._prune(qg.CONFIGS_M1 + qg.CONFIGS_DOT, {"K": 4096, "NC": 4096, "G": g})
-        assert kept and all(qg.config_fits(c.kwargs, g) for c in kept)
         assert any(c.kwargs["ONE_GROUP"] for c in kept) == (g >= 32)
     for dtype, frac in ((torch.float32, False), (torch.bfloat16, True)):  # fp32 x keeps every bit
         kept = qg._prune(qg.CONFIGS_M1, {"K": 4096, "NC": 4096, "G": 0, "X": torch.zeros(1, 2, dtype=dtype)})
