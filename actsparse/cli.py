@@ -1,4 +1,4 @@
-"""The `actsparse` command: calibrate | eval | train | sites.
+"""The `actsparse` command: calibrate | quantize | eval | train | sites.
 
 Each subcommand's options live next to the code they configure; this module only wires them.
 """
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_arguments(sub.add_parser("calibrate", help="make a sparsity plan from text"))
 
+    from .quant.command import add_quantize_arguments
+    add_quantize_arguments(sub.add_parser("quantize", help="quantize a model's linears (int8 / int4) and save them"))
+
     from .train.command import add_train_arguments
     add_train_arguments(sub.add_parser("train", help="fine-tune by self-distillation: relufied (default) or MoE"))
 
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from .calibration.command import run_calibrate_command
 
         return run_calibrate_command(args)
+    if args.command == "quantize":
+        from .quant.command import run_quantize_command
+
+        return run_quantize_command(args)
     if args.command == "train":
         from .train.command import run_train_command
 

@@ -41,23 +41,36 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--data", default=None, metavar="DIR", help="evaluation data directory (default: $ACTSPARSE_DATA)")
     add("--out", default=None, metavar="PATH", help="write the results as JSON here")
     add("--plan", default=None, metavar="PATH", help="sparsity plan to apply before evaluating (default: dense)")
+    add("--quantized", default=None, metavar="PATH",
+        help="quantized weights to load into the model first (`actsparse quantize`'s file)")
     add("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser
 
 
 def _prepare_model(model, args: argparse.Namespace):
-    """Apply ``args.plan``: the backend's rewritten graph, run op by op.
+    """Load ``args.quantized`` into the model, then apply ``args.plan``: the backend's rewritten
+    graph, run op by op. ValueError names the file that failed.
 
     Accuracy does not depend on which compiler runs the rewritten graph, so evaluation skips
     Inductor ('eager' inner compiler) and spends no time compiling each prompt length.
     """
+    if getattr(args, "quantized", None):
+        from ..quant import load_quantized
+
+        try:
+            load_quantized(model, args.quantized)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"quantized weights {args.quantized}: {e}") from None
     if not getattr(args, "plan", None):
         return model
     import torch
 
     import actsparse
 
-    plan = actsparse.SparsityPlan.load(args.plan, model=model)
+    try:
+        plan = actsparse.SparsityPlan.load(args.plan, model=model)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"plan {args.plan}: {e}") from None
     args._plan = plan
     model.forward = torch.compile(model.forward, dynamic=True,
                                   backend=actsparse.backend(plan, compiler="eager", relayout="off"))
@@ -106,6 +119,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], str]:
         raise _UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.plan is not None and not Path(args.plan).is_file():
         raise _UsageError(f"plan file not found: {Path(args.plan).resolve()}")
+    if getattr(args, "quantized", None) is not None and not Path(args.quantized).is_file():
+        raise _UsageError(f"quantized-weights file not found: {Path(args.quantized).resolve()}")
     for t in tasks:
         try:
             data_path(t, args.data)
@@ -141,7 +156,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     try:
         model = _prepare_model(model, args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"actsparse eval: error: plan {args.plan}: {e}", file=sys.stderr)
+        print(f"actsparse eval: error: {e}", file=sys.stderr)
         return 2
 
     result = run_eval(
@@ -155,7 +170,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         ppl_tokens=args.ppl_tokens or None,
         batch_size=args.batch_size,
         data_dir=args.data,
-        model_name=args.model,
+        model_name=args.model if not getattr(args, "quantized", None) else f"{args.model} (quantized: {args.quantized})",
         plan_info=_plan_info(args),
         progress=getattr(args, "progress", True),
     )

@@ -6,6 +6,7 @@
     model = actsparse.quantize(model, bits=4, clip="mse", tokens=ids)  # int4 ranges fitted, weighted by activations
     model = actsparse.quantize(model, bits=4, rounding="gptq-act", tokens=ids)  # GPTQ, act order
     model = actsparse.quantize(model, bits=8, rounding="gptq", tokens=ids, plan=plan)  # GPTQ fitted to the sparse model
+    save_quantized(model, "m.quant.safetensors"); load_quantized(fresh_model, "m.quant.safetensors")  # made once
 
 Every nn.Linear except the output head (the decoder's linears, the ones a plan can mask)
 becomes a ``QuantLinear``; embeddings and the LM head keep their dtype. The quantized model
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .files import load_quantized, save_quantized
 from .linear import QuantLinear
 from .storage import (BITS, CLIPS, GROUP_SIZES, QuantizedWeight, check_options, dequantize_input_major,
                       quantize_weight)
@@ -28,7 +30,7 @@ from .storage import (BITS, CLIPS, GROUP_SIZES, QuantizedWeight, check_options, 
 ROUNDINGS = ("nearest", "gptq", "gptq-act")
 
 __all__ = ["BITS", "CLIPS", "GROUP_SIZES", "ROUNDINGS", "QuantLinear", "QuantizedWeight", "dequantize_input_major", "quantize",
-           "quantize_weight", "quantizable_linears"]
+           "quantize_weight", "quantizable_linears", "save_quantized", "load_quantized"]
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
