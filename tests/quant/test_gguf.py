@@ -63,14 +63,19 @@ def test_rotary_order_is_a_permutation():
     assert sorted(order.tolist()) == list(range(24)) and order[:4].tolist() == [0, 2, 4, 6]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
+def _dense_and_kept(name: str):
+    """(dequantised model, the same kept quantized, tokenizer), or a skip if it is not installed."""
     try:
-        dense, tok = load("smollm2-135m")
-        quant, _ = load("smollm2-135m", keep_quantized=True)
+        dense, tok = load(name)
+        quant, _ = load(name, keep_quantized=True)
     except ModelNotInstalledError as e:
         pytest.skip(str(e))
     return dense, quant, tok
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return _dense_and_kept("smollm2-135m")
 
 
 @pytest.mark.slow
@@ -120,12 +125,7 @@ def test_keep_quantized_sparse_decode_matches_masked_reference(smollm2):
 
 @pytest.fixture(scope="module")
 def gemma3():
-    try:
-        dense, tok = load("gemma3-270m")
-        quant, _ = load("gemma3-270m", keep_quantized=True)
-    except ModelNotInstalledError as e:
-        pytest.skip(str(e))
-    return dense, quant, tok
+    return _dense_and_kept("gemma3-270m")
 
 
 @pytest.mark.slow
