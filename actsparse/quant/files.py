@@ -110,7 +110,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Replace ``model``'s linears by the quantized ones saved in ``path``, in place; returns the model.
 
     ``model`` is the architecture the file was saved from (its float weights are dropped for the
-    file's). Every check runs before anything is replaced."""
+    file's); scales, offsets and biases take the dtype of the linear they replace, as
+    ``quantize`` would have made them. Every check runs before anything is replaced."""
     from safetensors.torch import load_file
 
     from ..plan.checks import PlanError
@@ -130,12 +131,13 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if not isinstance(target, nn.Linear):
             raise ValueError(f"{path}: the model has no linear {name!r} to replace")
         parts = {}
+        dtype = target.scales.dtype if isinstance(target, QuantLinear) else target.weight.dtype  # scales as quantize makes them
         for key, shape in _expected_shapes(spec).items():
             t = tensors.get(f"{name}.{key}")
             if t is None or tuple(t.shape) != shape:
                 got = "missing" if t is None else f"shape {list(t.shape)}"
                 raise ValueError(f"{path}: {name}.{key} is {got}, its format needs {list(shape)}")
-            parts[key] = t.to(_device(target))
+            parts[key] = t.to(_device(target), dtype=dtype if t.is_floating_point() else t.dtype)
         qw = QuantizedWeight(parts["qweight"], parts["scales"], parts.get("offsets"), spec["bits"],
                              spec["group_size"], spec["out_features"], spec["in_features"])
         built[name] = QuantLinear(qw, parts.get("bias"))

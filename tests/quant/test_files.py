@@ -56,6 +56,17 @@ def test_round_trip_is_exact(tmp_path):
     actsparse.SparsityPlan.from_thresholds(tiny("qwen2", intermediate_size=96), {}).validate(loaded)
 
 
+def test_scales_take_the_model_dtype(tmp_path):
+    """Saved from fp32, loaded into the bf16 model: the fp32 quantized model cast to bf16."""
+    saved = actsparse.quantize(tiny("llama", intermediate_size=96), bits=4, group_size=32)
+    path = save_quantized(saved, tmp_path / "m.safetensors")
+    loaded = load_quantized(tiny("llama", intermediate_size=96, dtype=torch.bfloat16), path)
+    lin = loaded.model.layers[0].mlp.down_proj
+    assert lin.scales.dtype == lin.offsets.dtype == torch.bfloat16 and lin.qweight.dtype == torch.uint8
+    ids = torch.randint(3, 100, (1, 5))
+    assert torch.equal(_logits(loaded, ids), _logits(saved.to(torch.bfloat16), ids))
+
+
 def test_tied_head_is_untied_on_load(tmp_path):
     model = tiny("llama", intermediate_size=96, tie_word_embeddings=True)
     model.lm_head = QuantLinear.from_linear(model.lm_head, 8, 32)
