@@ -9,8 +9,10 @@ zero on channel k never reads row k.
   so a kernel applies it once to each output's sum.
 * grouped int8 (``bits=8, group_size=G``): symmetric, one scale per (group of G input
   channels, output): ``W[n, k] ~ qweight[k, n] * scales[k // G, n]``, ``scales``
-  [K / G, N]. GGUF's Q8_0 (G = 32) and torchao's per-group int8 are this layout; a kernel sums
-  each active group's channels and applies the group's scales once per group.
+  [K / G, N]. GGUF's Q8_0 and Q5_0 (G = 32), its Q6_K (G = 16, the one width outside
+  ``GROUP_SIZES``: read from files, not offered by ``quantize``) and torchao's per-group int8
+  are this layout; a kernel sums each active group's channels and applies the group's scales
+  once per group.
 * int4 (``bits=4``): asymmetric, one scale and one offset per (group of ``group_size`` input
   channels, output): ``W[n, k] ~ q[k, n] * scales[g, n] + offsets[g, n]``, q in 0..15,
   g = k // group_size, ``scales`` and ``offsets`` [K / group_size, N]. Two values per byte,
