@@ -90,7 +90,7 @@ def run_quantize_command(args: argparse.Namespace) -> int:
 
     from .. import models
     from . import quantize
-    from .files import save_quantized
+    from .files import quantized_modules, save_quantized
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +130,7 @@ def run_quantize_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"actsparse quantize: error: {e}", file=sys.stderr)
         return 2
-    layers = [m for m in model.modules() if getattr(m, "qweight", None) is not None]
+    layers = list(quantized_modules(model).values())
     group = layers[0].group_size if layers else args.group_size
     info = {"model_name": args.model, "bits": args.bits, "group_size": group or None, "clip": args.clip,
             "rounding": args.rounding, "calibration_tokens": None if ids is None else int(ids.numel()),
